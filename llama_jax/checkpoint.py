@@ -1,0 +1,72 @@
+"""llama_jax checkpoint directories: config.json + llama_jax.json + an orbax parameter tree.
+
+Restored straight onto the target shardings (orbax reads only each device's shard)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from .config import LlamaConfig
+from .model import Llama, abstract_model
+
+FORMAT = 1
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def save_checkpoint(model: Llama, out_dir: str | os.PathLike) -> Path:
+    """Parameters (LoRA factors included) of `model`, written atomically."""
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        state = nnx.state(model, nnx.Param)
+        ckptr = _checkpointer()
+        ckptr.save(tmp / "params", nnx.to_pure_dict(state))
+        ckptr.wait_until_finished()
+        (tmp / "config.json").write_text(model.config.to_json_string())
+        (tmp / "llama_jax.json").write_text(json.dumps({"format": FORMAT, "head": model.head,
+                                                        "param_dtype": model.config.param_dtype}) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_checkpoint(path: str | os.PathLike, dtype=None, mesh=None, **runtime) -> Llama:
+    from .sharding import state_shardings
+
+    path = Path(path).absolute()
+    meta = json.loads((path / "llama_jax.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}/llama_jax.json: unsupported format {meta.get('format')!r}")
+    if dtype is not None:
+        runtime.setdefault("dtype", str(jax.numpy.dtype(dtype)))
+        runtime.setdefault("param_dtype", str(jax.numpy.dtype(dtype)))
+    runtime.setdefault("param_dtype", meta.get("param_dtype", "float32"))
+    runtime.setdefault("dtype", runtime["param_dtype"])
+    cfg = LlamaConfig.from_json_file(path / "config.json", **runtime)
+    model = abstract_model(cfg, head=meta.get("head", "lm"), mesh=mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if mesh is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dev), params)
+    else:
+        sh = state_shardings(params, mesh)
+        target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), params, sh)
+    restored = _checkpointer().restore(path / "params", nnx.to_pure_dict(target))
+    nnx.replace_by_pure_dict(params, restored)
+    return nnx.merge(graphdef, params, rest)

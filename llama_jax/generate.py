@@ -1,0 +1,191 @@
+"""Generation: jitted prefill, then one `lax.while_loop` decode with the KV cache donated.
+
+Prompts are left-padded into one batch; positions continue per row from its own length, so a
+batch gives the same tokens as each prompt alone.  Rows stop at EOS independently (later
+tokens are `pad_id`), and the loop exits as soon as all rows are done.  For one prompt the tokens
+can be streamed through an ordered host callback while the loop runs.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .model import Cache, Llama
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0   # 0 = greedy
+    top_k: int = 0             # 0 = off
+    top_p: float = 1.0         # 1 = off
+
+
+def sample_token(logits, rng, sp: SamplingParams):
+    """logits [B, V] float32 -> token ids [B]."""
+    if sp.temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sp.temperature
+    if sp.top_k and sp.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, sp.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sp.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < sp.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def prefill(graphdef, state, input_ids, attention_mask, cache: Cache):
+    """Run the prompt through the model, filling the cache; returns (last logits [B, V], cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(input_ids, attention_mask, cache=cache, last_only=True)
+    return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9), donate_argnums=(2,))
+def decode(graphdef, state, cache: Cache, logits, positions, rng, sp: SamplingParams, eos_ids: tuple,
+           pad_id: int, stream: Callable | None):
+    """Sample from `logits`, then feed each new token back until max_new_tokens or all rows hit EOS.
+
+    positions [B]: the position of the next token of each row.  Returns (tokens [B, N], cache)."""
+    model = nnx.merge(graphdef, state)
+    B = logits.shape[0]
+    N = sp.max_new_tokens
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def cond(c):
+        step, _, done, *_ = c
+        return (step < N) & ~jnp.all(done)
+
+    def body(c):
+        step, out, done, cache, logits, pos, rng = c
+        rng, key = jax.random.split(rng)
+        tok = sample_token(logits, key, sp)
+        tok = jnp.where(done, pad_id, tok)
+        out = out.at[:, step].set(tok)
+        if stream is not None:
+            jax.debug.callback(stream, tok, ordered=True)
+        done = done | jnp.isin(tok, eos)
+        # the last sampled token needs no forward pass
+        def feed(_):
+            lg, cch = model(tok[:, None], positions=pos[:, None], segment_ids=jnp.ones((B, 1), jnp.int32),
+                            cache=cache)
+            return lg[:, -1], cch
+        logits, cache = jax.lax.cond(step + 1 < N, feed, lambda _: (logits, cache), None)
+        return step + 1, out, done, cache, logits, pos + 1, rng
+
+    init = (jnp.int32(0), jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B,), bool), cache, logits,
+            positions.astype(jnp.int32), rng)
+    _, out, _, cache, *_ = jax.lax.while_loop(cond, body, init)
+    return out, cache
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 8):
+    """Left-pad token lists to one length (rounded up to `multiple` to limit recompiles)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    T = -(-T // multiple) * multiple
+    ids = np.full((len(prompts), T), pad_id, np.int32)
+    mask = np.zeros((len(prompts), T), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = p
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+def generate(model: Llama, prompts, tokenizer=None, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream: bool | Callable = False,
+             pad_id: int | None = None, eos_ids: Sequence[int] | None = None):
+    """Generate continuations.
+
+    prompts: a string, a list of strings (needs `tokenizer`, an HF tokenizer that adds BOS as
+    LLaMA-2 expects) or a list of token-id lists.  Returns a list of token-id lists (cut after
+    EOS, EOS kept), or of strings when the prompts were strings.  stream=True prints the text of
+    a single prompt to stdout as it is produced (or pass a callable receiving each token id).
+    """
+    single_text = isinstance(prompts, str)
+    if single_text:
+        prompts = [prompts]
+    as_text = isinstance(prompts[0], str)
+    if as_text:
+        if tokenizer is None:
+            raise ValueError("generate: text prompts need a tokenizer")
+        prompts = [tokenizer(p)["input_ids"] for p in prompts]
+    cfg = model.config
+    eos = tuple(eos_ids) if eos_ids is not None else cfg.eos_token_ids
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    ids, mask = left_pad(prompts, pad_id)
+    B, T = ids.shape
+    if T + max_new_tokens > cfg.max_position_embeddings and cfg.rope_type != "dynamic":
+        print(f"warning: {T + max_new_tokens} tokens exceed max_position_embeddings="
+              f"{cfg.max_position_embeddings}", file=sys.stderr)
+    sp = SamplingParams(max_new_tokens, float(temperature), int(top_k), float(top_p))
+    cb = _stream_callback(stream, tokenizer, B)
+    graphdef, state = nnx.split(model)
+    cache = Cache.init(cfg, B, T + max_new_tokens)
+    logits, cache = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache)
+    positions = jnp.asarray(mask.sum(-1), jnp.int32)
+    out, _ = decode(graphdef, state, cache, logits, positions, jax.random.key(seed), sp, eos, int(pad_id), cb)
+    out = np.asarray(out)
+    if cb is not None:
+        jax.effects_barrier()
+        if stream is True:
+            cb.finish()
+    results = []
+    for row in out:
+        toks = row.tolist()
+        for j, t in enumerate(toks):
+            if t in eos:
+                toks = toks[:j + 1]
+                break
+        results.append(toks)
+    if as_text:
+        return [tokenizer.decode(r, skip_special_tokens=True) for r in results]
+    return results
+
+
+class _TextStreamer:
+    """Prints decoded text incrementally (decoding the whole tail keeps multi-byte characters whole)."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.printed = tokenizer, [], 0
+
+    def __call__(self, tok):
+        self.ids.append(int(np.asarray(tok)[0]))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            return
+        sys.stdout.write(text[self.printed:])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+    def finish(self):
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    # a fresh instance per call would recompile; hashing by identity is what jit needs here
+    __hash__ = object.__hash__
+
+
+def _stream_callback(stream, tokenizer, batch):
+    if not stream:
+        return None
+    if callable(stream) and stream is not True:
+        return stream
+    if batch != 1 or tokenizer is None:
+        raise ValueError("generate: stream=True needs a single text prompt and a tokenizer")
+    return _TextStreamer(tokenizer)

@@ -1,0 +1,329 @@
+"""Llama-2 in Flax NNX.
+
+Parameter layout mirrors HF module names (`layers.self_attn.q_proj.kernel` <->
+`model.layers.{i}.self_attn.q_proj.weight`), with kernels stored [in, out] and the layers stacked
+on a leading `layers` axis.  The stacked block is run by `lax.scan` (compile time independent of
+depth) or, with `scan_layers=False`, by a Python loop over the same parameters, so checkpoints
+do not depend on that choice.
+
+One mask convention for padding, packing and the KV cache: every token has a segment id
+(0 = padding / empty cache slot) and a position; query q may see key k iff they share a
+non-zero segment and pos_k <= pos_q.  Without padding, packing or cache we pass `is_causal`
+instead of a mask, which lets GPUs take the cuDNN flash-attention path.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import LlamaConfig
+from .sharding import constrain
+
+
+def _dt(name):
+    return jnp.dtype(name)
+
+
+# ----------------------------------------------------------------------------- layers
+class Linear(nnx.Module):
+    """y = x @ kernel (+ LoRA delta when lora.py has attached factors)."""
+
+    def __init__(self, din: int, dout: int, axes: tuple, *, cfg: LlamaConfig, rngs: nnx.Rngs, stack: int = 0):
+        shape = (din, dout)
+        if stack:
+            shape, axes = (stack,) + shape, ("layers",) + tuple(axes)
+        init = jax.random.normal(rngs.params(), shape, jnp.float32) * cfg.initializer_range
+        self.kernel = nnx.Param(init.astype(_dt(cfg.param_dtype)), axes=tuple(axes))
+        self.dtype = cfg.dtype
+        self.lora = None  # set by llama_jax.lora.apply
+
+    def __call__(self, x):
+        dt = _dt(self.dtype)
+        x = x.astype(dt)
+        y = x @ self.kernel[...].astype(dt)
+        if self.lora is not None:
+            y = y + self.lora(x)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, cfg: LlamaConfig, stack: int = 0):
+        shape, axes = ((stack, dim), ("layers", "norm")) if stack else ((dim,), ("norm",))
+        self.weight = nnx.Param(jnp.ones(shape, _dt(cfg.param_dtype)), axes=axes)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x):
+        # As HF: normalise in float32, cast back to the input dtype, then scale.
+        in_dtype = x.dtype
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(in_dtype) * h.astype(in_dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, cfg: LlamaConfig, rngs: nnx.Rngs):
+        init = jax.random.normal(rngs.params(), (vocab, dim), jnp.float32) * cfg.initializer_range
+        self.embedding = nnx.Param(init.astype(_dt(cfg.param_dtype)), axes=("vocab", "embed"))
+        self.dtype = cfg.dtype
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0).astype(_dt(self.dtype))
+
+    def attend(self, h):  # tied output projection
+        dt = _dt(self.dtype)
+        return h.astype(dt) @ self.embedding[...].astype(dt).T
+
+
+# ----------------------------------------------------------------------------- rotary
+def rope_inv_freq(cfg: LlamaConfig, positions: jax.Array) -> jax.Array:
+    """Inverse frequencies, float32 [head_dim/2]; dynamic NTK depends on the longest position in
+    `positions` (HF: max(position_ids) + 1 of the current call, never below max_position_embeddings)."""
+    dim = cfg.head_dim
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32) / dim
+    base = jnp.float32(cfg.rope_theta)
+    if cfg.rope_type == "dynamic":
+        factor = cfg.rope_scaling["factor"]
+        max_pos = cfg.max_position_embeddings
+        seq_len = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
+        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** exponents)
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / cfg.rope_scaling["factor"]
+    return inv_freq
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, dtype, longest=None) -> tuple[jax.Array, jax.Array]:
+    inv_freq = rope_inv_freq(cfg, positions if longest is None else longest)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """HF rotate-half layout.  x: [B, T, heads, D]; cos/sin: [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ----------------------------------------------------------------------------- blocks
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, stack: int = 0):
+        d, nq, nk, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = Linear(d, nq * h, ("embed", "heads"), cfg=cfg, rngs=rngs, stack=stack)
+        self.k_proj = Linear(d, nk * h, ("embed", "kv_heads"), cfg=cfg, rngs=rngs, stack=stack)
+        self.v_proj = Linear(d, nk * h, ("embed", "kv_heads"), cfg=cfg, rngs=rngs, stack=stack)
+        self.o_proj = Linear(nq * h, d, ("heads", "embed"), cfg=cfg, rngs=rngs, stack=stack)
+        self.num_heads, self.num_kv_heads, self.head_dim = nq, nk, h
+        self.impl = cfg.attention_impl
+
+    def __call__(self, x, cos, sin, attn: "AttnInputs", kv_cache=None, mesh=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = constrain(q, ("batch", "length", "act_heads", None), mesh)
+        if kv_cache is not None:
+            # Write this call's keys/values into layer i of the whole [L, B, S, K, D] cache in place
+            # (it is the scan carry, so XLA updates the buffer), then attend to all of layer i's slots.
+            ck, cv, i = kv_cache
+            at = (i, 0, attn.cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at)
+            kv_cache = (ck, cv, i)
+            k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=attn.mask, is_causal=attn.mask is None, scale=self.head_dim ** -0.5,
+            implementation=self.impl)
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, stack: int = 0):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), cfg=cfg, rngs=rngs, stack=stack)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), cfg=cfg, rngs=rngs, stack=stack)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), cfg=cfg, rngs=rngs, stack=stack)
+
+    def __call__(self, x, mesh=None):
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        h = constrain(h, ("batch", "length", "act_mlp"), mesh)
+        return self.down_proj(h)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, stack: int = 0):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg=cfg, stack=stack)
+        self.self_attn = Attention(cfg, rngs=rngs, stack=stack)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg=cfg, stack=stack)
+        self.mlp = MLP(cfg, rngs=rngs, stack=stack)
+
+    def __call__(self, x, cos, sin, attn, kv_cache=None, mesh=None):
+        h, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_cache, mesh)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x), mesh)
+        return constrain(x, ("batch", "length", "act_embed"), mesh), kv_cache
+
+
+class AttnInputs(NamedTuple):
+    mask: jax.Array | None      # [B, 1, T, S] bool, or None = plain causal
+    cache_index: jax.Array | None
+
+
+class Cache(NamedTuple):
+    """KV cache at num_kv_heads: k/v [layers, B, S, kv_heads, head_dim]; per-slot segment/position."""
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array  # [B, S] int32, 0 = empty
+    positions: jax.Array    # [B, S] int32
+    index: jax.Array        # int32 scalar: next slot to write
+
+    @classmethod
+    def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> "Cache":
+        dtype = _dt(dtype or cfg.dtype)
+        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), jnp.int32),
+                   jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv"),
+}
+
+
+def make_mask(q_seg, q_pos, k_seg, k_pos):
+    """[B, 1, T, S]: same non-zero segment and key position <= query position."""
+    same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
+    causal = k_pos[:, None, :] <= q_pos[:, :, None]
+    return (same & causal)[:, None]
+
+
+# ----------------------------------------------------------------------------- model
+class Llama(nnx.Module):
+    """Llama-2 decoder.  head='lm' gives next-token logits; head='score' a scalar per token
+    (reward / value models; HF LlamaForSequenceClassification with num_labels=1)."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, head: str = "lm", mesh=None):
+        if head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
+        self.config = cfg
+        self.head = head
+        self.mesh = mesh
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg=cfg, rngs=rngs)
+        self.layers = Block(cfg, rngs=rngs, stack=cfg.num_hidden_layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg=cfg)
+        if head == "score":
+            self.score = Linear(cfg.hidden_size, 1, ("embed", None), cfg=cfg, rngs=rngs)
+        elif not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg=cfg, rngs=rngs)
+
+    # -- the stacked layers -------------------------------------------------
+    def _run_layers(self, x, cos, sin, attn: AttnInputs, cache: Cache | None):
+        cfg, mesh = self.config, self.mesh
+        graphdef, params = nnx.split(self.layers)
+
+        def body(carry, layer):
+            x, ck, cv = carry
+            i, p = layer
+            blk = nnx.merge(graphdef, p)
+            kv = None if ck is None else (ck, cv, i)
+            x, kv = blk(x, cos, sin, attn, kv, mesh)
+            if kv is not None:
+                ck, cv, _ = kv
+            return (x, ck, cv), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+        ck = cv = None
+        if cache is not None:
+            ck, cv = cache.k, cache.v
+        idx = jnp.arange(cfg.num_hidden_layers)
+        if cfg.scan_layers:
+            (x, ck, cv), _ = jax.lax.scan(body, (x, ck, cv), (idx, params))
+        else:
+            for i in range(cfg.num_hidden_layers):
+                (x, ck, cv), _ = body((x, ck, cv), (i, jax.tree.map(lambda a: a[i], params)))
+        return x, ck, cv
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, *, segment_ids=None,
+                 cache: Cache | None = None, return_hidden: bool = False, last_only: bool = False):
+        """input_ids [B, T] -> logits [B, T, vocab] float32 (scores [B, T] for head='score').
+
+        attention_mask: [B, T] 1 = real token (left or right padding); positions default to
+        cumsum(mask) - 1 as HF generate computes them.  segment_ids: packed documents (ids > 0).
+        cache: a `Cache`; returns (logits, new_cache) when given.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        plain_causal = attention_mask is None and segment_ids is None and cache is None
+        if segment_ids is None:
+            segment_ids = (jnp.ones((B, T), jnp.int32) if attention_mask is None
+                           else attention_mask.astype(jnp.int32))
+        if positions is None:
+            if attention_mask is not None:
+                positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+            else:
+                positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        positions = positions.astype(jnp.int32)
+
+        if cache is not None:
+            seg_all = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+            pos_all = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
+            attn = AttnInputs(make_mask(segment_ids, positions, seg_all, pos_all), cache.index)
+            longest = pos_all  # dynamic NTK: longest position in the cache, as HF
+        else:
+            attn = AttnInputs(None if plain_causal else make_mask(segment_ids, positions, segment_ids, positions),
+                              None)
+            longest = positions
+
+        x = self.embed_tokens(input_ids)
+        x = constrain(x, ("batch", "length", "act_embed"), self.mesh)
+        cos, sin = rope_cos_sin(cfg, positions, x.dtype, longest)
+        x, ck, cv = self._run_layers(x, cos, sin, attn, cache)
+        if last_only:
+            x = x[:, -1:]
+        h = self.norm(x)
+        out = h if return_hidden else self.project(h)
+        if cache is not None:
+            new_cache = Cache(ck, cv, seg_all, pos_all, cache.index + T)
+            return out, new_cache
+        return out
+
+    def project(self, h):
+        """Final-norm hidden states -> float32 logits (or scores)."""
+        if self.head == "score":
+            return self.score(h)[..., 0].astype(jnp.float32)
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return constrain(logits, ("batch", "length", "act_vocab"), self.mesh).astype(jnp.float32)
+
+
+def init_model(cfg: LlamaConfig, seed: int = 0, head: str = "lm", mesh=None) -> Llama:
+    """A randomly initialised model; with a mesh, parameters are created already sharded."""
+    if mesh is None:
+        return Llama(cfg, rngs=nnx.Rngs(seed), head=head)
+    from .sharding import state_shardings
+
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed), head=head, mesh=mesh))
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh)
+
+    @jax.jit
+    def make():
+        return nnx.state(Llama(cfg, rngs=nnx.Rngs(seed), head=head, mesh=mesh))
+
+    state = jax.jit(make, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def abstract_model(cfg: LlamaConfig, head: str = "lm", mesh=None) -> Llama:
+    """Shapes and metadata only (no memory): the target for streaming a checkpoint in."""
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), head=head, mesh=mesh))

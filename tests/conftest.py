@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+# 8 fake CPU devices for the sharding tests; must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LLAMA_JAX_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not DATA.exists():
+        pytest.skip(f"shared data not found at {DATA} (set LLAMA_JAX_DATA)")
+    return DATA
