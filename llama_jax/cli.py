@@ -1,0 +1,84 @@
+"""`llama-jax <command>`: each stage registers its own subcommand."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("LLAMA_JAX_DATA", REPO.parent / "shared" / "data"))
+
+
+def _cmd_generate(args) -> int:
+    import llama_jax
+    from .text import load_tokenizer
+
+    model = llama_jax.load(args.model, dtype=args.dtype)
+    tok = load_tokenizer(args.tokenizer or args.model)
+    single = len(args.prompt) == 1
+    out = llama_jax.generate(model, args.prompt if not single else args.prompt[0], tok,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed, stream=single)
+    if not single:
+        for p, o in zip(args.prompt, out):
+            print(f"### {p}\n{o}\n")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llama-jax", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a model (HF dir or llama_jax checkpoint)")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", required=True, action="append", help="repeat for a batch; one prompt streams")
+    g.add_argument("--tokenizer", help="tokenizer dir or tokenizer.model (default: the model dir)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
+    g.set_defaults(func=_cmd_generate)
+
+    d = sub.add_parser("demo", help="the built-in end-to-end demo")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--data", default=None, help="shared data dir (default: $LLAMA_JAX_DATA or ../shared/data)")
+    d.add_argument("--base-tokenizer", default=None)
+    d.set_defaults(func=_cmd_demo)
+
+    try:
+        from .tokenizer.cli import add_tokenizer_commands
+    except ImportError:
+        add_tokenizer_commands = None
+    if add_tokenizer_commands is not None:
+        add_tokenizer_commands(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # our loaders raise these with the file / record / field named: show them without a traceback
+        print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
