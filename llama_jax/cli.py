@@ -36,6 +36,17 @@ def _cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def _cmd_stage(name):
+    def run(args) -> int:
+        import importlib
+
+        mod = importlib.import_module(f"llama_jax.stages.{name}")
+        result = mod.run(args.config, args.out, args.overrides)
+        print(f"{name}: done; run directory {result['run_dir']}")
+        return 0
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llama-jax", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -52,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
     g.set_defaults(func=_cmd_generate)
+
+    for name, help_ in (("pretrain", "continued pretraining on packed text"),):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("config", help="YAML run config (see configs/)")
+        p.add_argument("--out", default=None, help="run directory (rerunning the same command resumes)")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
+        p.set_defaults(func=_cmd_stage(name))
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo")
     d.add_argument("--out", default="runs/demo")
@@ -70,14 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    # dotted.key=value overrides may come before or after --out: collect them wherever they are
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "overrides") or any("=" not in u or u.startswith("-") for u in unknown):
+            ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = list(args.overrides) + unknown
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except Exception as e:
         # our loaders raise these with the file / record / field named: show them without a traceback
-        print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if isinstance(e, (ValueError, FileNotFoundError, KeyError)) or type(e).__name__ == "TrainingError":
+            print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
         if n % known:
             raise ValueError(f"mesh: {n} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = n // known
+    if -1 not in shape.values() and math.prod(sizes) < n:
+        devices, n = devices[:math.prod(sizes)], math.prod(sizes)  # an explicit smaller mesh
     if math.prod(sizes) != n:
         raise ValueError(f"mesh: shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n}")
     try:

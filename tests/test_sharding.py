@@ -23,8 +23,9 @@ def ckpt(tmp_path_factory):
 def test_mesh_shapes():
     assert dict(make_mesh({"fsdp": -1, "tensor": 2}).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
     assert dict(make_mesh([2, -1, 1]).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-    with pytest.raises(ValueError, match="needs 6 devices"):
-        make_mesh({"data": 3, "fsdp": 2})
+    assert make_mesh({"fsdp": 2, "tensor": 2}).size == 4  # an explicit smaller mesh uses the first devices
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        make_mesh({"data": 3, "fsdp": 4})
     with pytest.raises(ValueError, match="unknown axis"):
         make_mesh({"model": 2})
 

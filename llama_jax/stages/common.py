@@ -1,0 +1,69 @@
+"""What every stage shares: building the model, tokenizer and mesh from a run config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..config import PRESETS, preset
+from ..train.config import ConfigError, resolve_path
+
+
+def build_mesh(cfg):
+    from ..sharding import make_mesh
+
+    return make_mesh(cfg["mesh"])
+
+
+def build_tokenizer(cfg):
+    from ..text import load_tokenizer
+
+    path = resolve_path(cfg, cfg.get("tokenizer")) or (
+        cfg["model"]["init"] if cfg["model"]["init"] not in PRESETS else None)
+    if path is None:
+        raise ConfigError("tokenizer: required when model.init is a preset")
+    if not Path(path).exists():
+        raise ConfigError(f"tokenizer: {path} not found")
+    return load_tokenizer(path)
+
+
+def build_model(cfg, mesh, vocab_size: int | None, head: str = "lm"):
+    """model.init is a preset (initialised from train.seed) or a checkpoint path (loaded)."""
+    import llama_jax
+
+    mc = cfg["model"]
+    runtime = dict(dtype=mc["dtype"], param_dtype=mc["param_dtype"], remat=mc["remat"],
+                   scan_layers=mc["scan_layers"], attention_impl=mc["attention_impl"])
+    init = mc["init"]
+    if init in PRESETS:
+        over = dict(mc.get("overrides") or {})
+        if vocab_size is not None:
+            over.setdefault("vocab_size", vocab_size)
+        c = preset(init, **over, **runtime)
+        return llama_jax.init_model(c, seed=int(cfg["train"]["seed"]), head=head, mesh=mesh)
+    path = resolve_path(cfg, init)
+    if not Path(path).exists():
+        raise ConfigError(f"model.init: {path} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    m = llama_jax.load(path, mesh=mesh, head=head, **{k: v for k, v in runtime.items()})
+    return m
+
+
+def check_vocab(tok, model):
+    n = len(tok)
+    if n > model.config.vocab_size:
+        raise ConfigError(f"tokenizer has {n} tokens but the model's vocab_size is {model.config.vocab_size}: "
+                          "resize the model first (llama-jax resize)")
+
+
+def token_cross_entropy(logits, targets, weights):
+    """Sum of next-token cross entropy over weighted positions, in float32."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def flops_per_token(model_cfg, seq_len: int) -> float:
+    """PaLM-style model FLOPs: 6 N (non-embedding matmul params, lm_head included) + 12 L d T."""
+    n = model_cfg.num_params(include_embeddings=False)
+    return 6.0 * n + 12.0 * model_cfg.num_hidden_layers * model_cfg.hidden_size * seq_len

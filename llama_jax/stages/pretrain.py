@@ -1,0 +1,100 @@
+"""Continued pretraining: packed documents, next-token loss, on the shared loop."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..data.packing import PackedBlocks, StepIndexedBatches, pack, tokenize_documents
+from ..data.sources import DataError
+from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
+from ..train.loop import Task, train
+from .common import build_mesh, build_model, build_tokenizer, check_vocab, flops_per_token, token_cross_entropy
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = stage_defaults(data={
+    "train_files": [], "eval_files": [], "eval_fraction": 0.05, "text_field": "text", "block_size": 512,
+    "num_proc": 1, "segment_aware": True, "append_eos": True, "cache_dir": None, "max_documents": None,
+})
+
+
+def lm_loss(model, batch, segment_aware: bool):
+    tokens, seg, pos = batch["tokens"], batch["segments"], batch["positions"]
+    if segment_aware:
+        logits = model(tokens, positions=pos, segment_ids=seg)
+    else:
+        logits = model(tokens)
+    targets = tokens[:, 1:]
+    # predict within a document only, never across a boundary or into padding
+    w = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
+    return token_cross_entropy(logits[:, :-1], targets, w)
+
+
+def build_task(cfg, tok, model, run_dir: Path):
+    dc, tc = cfg["data"], cfg["train"]
+    T = int(dc["block_size"])
+    if T > model.config.max_position_embeddings:
+        raise ConfigError(f"data.block_size={T} exceeds the model's max_position_embeddings="
+                          f"{model.config.max_position_embeddings}")
+    files = [resolve_path(cfg, f) for f in (dc["train_files"] if isinstance(dc["train_files"], list) else [dc["train_files"]])]
+    if not files:
+        raise ConfigError("data.train_files: no training data given")
+    cache = resolve_path(cfg, dc["cache_dir"]) or str(run_dir / "cache")
+    docs = tokenize_documents(tok, files, dc["text_field"], int(dc["num_proc"]), cache)
+    if dc["max_documents"]:
+        docs = docs[: int(dc["max_documents"])]
+    bos, eos = getattr(tok, "bos_token_id", None), (getattr(tok, "eos_token_id", None) if dc["append_eos"] else None)
+    if dc["eval_files"]:
+        eval_docs = tokenize_documents(tok, [resolve_path(cfg, f) for f in dc["eval_files"]], dc["text_field"],
+                                       int(dc["num_proc"]), cache)
+    else:  # hold out the last documents
+        n_eval = max(1, int(len(docs) * float(dc["eval_fraction"])))
+        if n_eval >= len(docs):
+            raise DataError(f"{files}: {len(docs)} document(s) are too few to hold out an eval set")
+        docs, eval_docs = docs[:-n_eval], docs[-n_eval:]
+    blocks = pack(docs, T, bos, eos)
+    eval_blocks = pack(eval_docs, T, bos, eos)
+    G = int(tc["batch_size"])
+    if len(blocks) < G:
+        raise DataError(f"{files}: only {len(blocks)} blocks of {T} tokens for a batch of {G}")
+    host, nh = jax.process_index(), jax.process_count()
+    batches = StepIndexedBatches(blocks, G, int(tc["seed"]), host, nh)
+    # eval: fixed leading blocks, whole global batches, this host's slice
+    n_eval_rows = min(len(eval_blocks) // G, int(tc["eval_batches"])) * G
+    per = G // nh
+    eval_list = []
+    for b0 in range(0, n_eval_rows, G):
+        r = np.arange(b0 + host * per, b0 + (host + 1) * per)
+        eval_list.append({"tokens": eval_blocks.tokens[r], "segments": eval_blocks.segments[r],
+                          "positions": eval_blocks.positions[r]})
+    seg_aware = bool(dc["segment_aware"])
+    print(f"pretrain data: {len(docs)} documents -> {len(blocks)} blocks of {T} tokens; "
+          f"eval {len(eval_list)} batch(es) of {G}")
+    return Task(name="pretrain", loss_fn=lambda m, b, rng: (*lm_loss(m, b, seg_aware), {}), train=batches,
+                eval_batches=eval_list, flops_per_token=flops_per_token(model.config, T), tokens_per_row=T,
+                extra_meta={"blocks": len(blocks)})
+
+
+def run(config_path, out: str | None = None, overrides=()) -> dict:
+    cfg = load_config(DEFAULTS, config_path, list(overrides))
+    return run_config(cfg, out)
+
+
+def run_config(cfg: dict, out: str | None = None) -> dict:
+    from .lora_setup import maybe_apply_lora
+
+    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-pretrain").absolute()
+    mesh = build_mesh(cfg)
+    tok = build_tokenizer(cfg)
+    model = build_model(cfg, mesh, vocab_size=len(tok))
+    check_vocab(tok, model)
+    task = build_task(cfg, tok, model, run_dir)
+    trainable = maybe_apply_lora(cfg, model)
+    result = train(task, model, cfg, run_dir, mesh, trainable=trainable)
+    result["run_dir"] = str(run_dir)
+    result["model"] = model
+    return result

@@ -1,0 +1,316 @@
+"""The one training loop every stage runs (pretrain, SFT, reward, DPO).
+
+A stage supplies a `Task`: a loss over a batch and step-indexed batches.  The loop owns the
+rest: splitting the model into what trains and what is frozen, the jitted step (gradient
+accumulation, clipping, AdamW, NaN/Inf guard) with NamedSharding and donation, eval, progress,
+`metrics.jsonl`, and orbax checkpoints from which the same command resumes exactly.
+
+Exactness: the batch of step s is a function of s (data position = s x global batch), the step's
+RNG is fold_in(seed, s), and a non-finite step leaves the state untouched, so a resumed run
+computes bit for bit what an uninterrupted one does on the same hardware.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .optim import count_params, make_optimizer
+
+log = logging.getLogger(__name__)
+
+# bf16/fp16 peak FLOP/s per chip, for MFU (dense, no sparsity).  Sources: vendor data sheets.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+              "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+_KILL_AT = int(os.environ.get("LLAMA_JAX_TEST_KILL_AT_STEP", "0") or 0)
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class Task:
+    """What a stage gives the loop.
+
+    loss_fn(model, batch, rng) -> (loss_sum, weight, aux) where the step loss is
+    sum(loss_sum) / sum(weight) over micro-batches and aux is a dict of scalar sums (divided by
+    the summed weight when logged).  train.batch(step) returns this host's rows of the global
+    batch as numpy arrays; eval_batches likewise (a list, evaluated in full)."""
+    name: str
+    loss_fn: Callable
+    train: Any
+    eval_batches: list | None = None
+    flops_per_token: float = 0.0
+    tokens_per_row: int = 0
+    eval_fn: Callable | None = None  # extra eval metrics: fn(model, step) -> dict, host side
+    extra_meta: dict = field(default_factory=dict)
+
+
+def _state_tree(step, params, opt_state, nonfinite):
+    return {"step": step, "params": params, "opt_state": opt_state, "nonfinite": nonfinite}
+
+
+def peak_flops(tc: dict) -> float | None:
+    if tc.get("peak_flops"):
+        return float(tc["peak_flops"])
+    kind = jax.devices()[0].device_kind
+    for k, v in PEAK_FLOPS.items():
+        if k.lower() in kind.lower():
+            return v
+    return None
+
+
+class MetricsWriter:
+    """metrics.jsonl, one object per logged step; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool = False):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line from a kill
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(l + "\n" for l in keep))
+            os.replace(tmp, self.path)
+        self.f = open(self.path, "a") if jax.process_index() == 0 else None
+        self.tb = None
+        if tensorboard and jax.process_index() == 0:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    SummaryWriter = None
+                    log.warning("train.tensorboard: no tensorboardX or torch.utils.tensorboard installed")
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, rec: dict):
+        if self.f is None:
+            return
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+def _batch_sharding(mesh, ndim, accum: bool):
+    lead = (None,) if accum else ()
+    return NamedSharding(mesh, P(*lead, ("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def _to_global(batch: dict, mesh, accum: int):
+    """Host-local rows -> global arrays sharded over (data, fsdp); [accum, micro, ...] if accum."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if accum:
+            v = v.reshape((accum, v.shape[0] // accum) + v.shape[1:])
+        sh = _batch_sharding(mesh, v.ndim - (1 if accum else 0), bool(accum))
+        gshape = list(v.shape)
+        gshape[1 if accum else 0] *= jax.process_count()
+        out[k] = jax.make_array_from_process_local_data(sh, v, tuple(gshape))
+    return out
+
+
+def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, trainable=nnx.Param,
+          on_log: Callable | None = None) -> dict:
+    """Run (or resume) training of `model` in place; returns the last logged and eval metrics."""
+    import orbax.checkpoint as ocp
+
+    tc = cfg["train"]
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps, accum = int(tc["steps"]), int(tc["grad_accum"])
+    if tc["batch_size"] % (accum * max(1, jax.process_count())):
+        raise TrainingError(f"train.batch_size={tc['batch_size']} must be divisible by train.grad_accum={accum} "
+                            f"x {jax.process_count()} processes")
+    (run_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                                    indent=2, ensure_ascii=False) + "\n")
+
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    tx, lr_fn = make_optimizer(tc, params)
+    n_train = count_params(params)
+    opt_state = jax.jit(tx.init)(params)
+    state = _state_tree(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
+    # optimizer moments follow their parameters' sharding; scalars (step, counts) are replicated
+    replicated = NamedSharding(mesh, P())
+    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
+                             and x.sharding.mesh == mesh else replicated, state)
+    state = jax.device_put(state, shardings)
+    frozen = jax.device_put(frozen, jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
+                                                 else replicated, frozen))
+    seed = int(tc["seed"])
+
+    def micro_loss(p, frz, mb, rng):
+        s, w, aux = task.loss_fn(nnx.merge(graphdef, p, frz), mb, rng)
+        return s, (w, aux)
+
+    def step_fn(st, frz, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), st["step"])
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def body(carry, xs):
+            g_acc, s_acc, w_acc, a_acc = carry
+            i, mb = xs
+            (s, (w, aux)), g = grad_fn(st["params"], frz, mb, jax.random.fold_in(rng, i))
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            a_acc = {k: a_acc[k] + aux[k] for k in a_acc} if a_acc else aux
+            return (g_acc, s_acc + s, w_acc + w, a_acc), None
+
+        zeros = jax.tree.map(jnp.zeros_like, st["params"])
+        _, (_, aux0) = jax.eval_shape(micro_loss, st["params"], frz, jax.tree.map(lambda x: x[0], batch), rng)
+        a0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in aux0.items()}
+        (g, s, w, aux), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, a0), (jnp.arange(accum), batch))
+        w = jnp.maximum(w, 1.0)
+        grads = jax.tree.map(lambda x: x / w, g)
+        loss = s / w
+        gnorm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, st["opt_state"], st["params"])
+        new_params = optax.apply_updates(st["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        out = _state_tree(st["step"] + 1, keep(new_params, st["params"]), keep(new_opt, st["opt_state"]),
+                          jnp.where(finite, 0, st["nonfinite"] + 1))
+        metrics = {"loss": loss, "grad_norm": gnorm, "tokens": w, "finite": finite,
+                   **{k: v / w for k, v in aux.items()}}
+        return out, metrics
+
+    jstep = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, None))
+
+    def eval_fn(p, frz, batch):
+        m = nnx.merge(graphdef, p, frz)
+        s, w, aux = task.loss_fn(m, batch, jax.random.key(0))
+        return s, w, aux
+
+    jeval = jax.jit(eval_fn)
+
+    # ---- resume
+    ckpt_dir = run_dir / "checkpoints"
+    mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=int(tc["keep_checkpoints"]), create=True))
+    start = 0
+    latest = mgr.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        restored = mgr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                               meta=ocp.args.JsonRestore()))
+        state = restored["state"]
+        start = int(state["step"])
+        log.info("resumed from %s step %d", ckpt_dir, start)
+        if jax.process_index() == 0:
+            print(f"resuming from checkpoint at step {start} ({ckpt_dir})")
+    writer = MetricsWriter(run_dir, start, tc.get("tensorboard", False))
+
+    peak = peak_flops(tc)
+    n_dev = jax.device_count()
+    bar = None
+    if tc.get("progress", True) and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=task.name, dynamic_ncols=True)
+    last: dict = {}
+    pending: list = []
+    t_last = time.perf_counter()
+
+    def run_eval(step):
+        if not task.eval_batches:
+            return {}
+        s_tot = w_tot = 0.0
+        aux_tot: dict = {}
+        for b in task.eval_batches:
+            s, w, aux = jeval(state["params"], frozen, _to_global(b, mesh, 0))
+            s_tot += float(s)
+            w_tot += float(w)
+            for k, v in aux.items():
+                aux_tot[k] = aux_tot.get(k, 0.0) + float(v)
+        loss = s_tot / max(w_tot, 1.0)
+        rec = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        rec.update({f"eval_{k}": v / max(w_tot, 1.0) for k, v in aux_tot.items()})
+        if task.eval_fn is not None:
+            rec.update(task.eval_fn(nnx.merge(graphdef, state["params"], frozen), step))
+        return rec
+
+    try:
+        for step in range(start, steps):
+            batch = _to_global(task.train.batch(step), mesh, accum)
+            state, m = jstep(state, frozen, batch)
+            pending.append(m)
+            done = step + 1
+            is_last = done == steps
+            if done % int(tc["log_every"]) == 0 or is_last:
+                ms = jax.device_get(pending)
+                pending = []
+                now = time.perf_counter()
+                toks = float(sum(x["tokens"] for x in ms))
+                rows_tokens = task.tokens_per_row * tc["batch_size"] * len(ms)
+                dt = now - t_last
+                t_last = now
+                rec = {"step": done, "loss": float(np.mean([x["loss"] for x in ms])), "lr": float(lr_fn(done - 1)),
+                       "grad_norm": float(ms[-1]["grad_norm"]), "tokens_per_sec": (rows_tokens or toks) / dt,
+                       "nonfinite_steps": int(sum(not bool(x["finite"]) for x in ms))}
+                for k in ms[-1]:
+                    if k not in ("loss", "grad_norm", "tokens", "finite"):
+                        rec[k] = float(np.mean([x[k] for x in ms]))
+                if peak and task.flops_per_token:
+                    rec["mfu"] = task.flops_per_token * rec["tokens_per_sec"] / (peak * n_dev)
+                if int(state["nonfinite"]) >= int(tc["max_nonfinite"]):
+                    raise TrainingError(f"{int(state['nonfinite'])} non-finite steps in a row at step {done}; "
+                                        "stopping (the last checkpoint holds finite weights)")
+                if tc["eval_every"] and (done % int(tc["eval_every"]) == 0 or is_last):
+                    rec.update(run_eval(done))
+                writer.write(rec)
+                last.update(rec)
+                if on_log:
+                    on_log(rec)
+                if bar is not None:
+                    post = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}",
+                            "tok/s": f"{rec['tokens_per_sec']:.0f}"}
+                    if "mfu" in rec:
+                        post["mfu"] = f"{rec['mfu']:.1%}"
+                    if "eval_loss" in rec:
+                        post["eval"] = f"{rec['eval_loss']:.4f}"
+                    bar.set_postfix(post, refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if _KILL_AT == done:  # test hook: die like a preempted VM, no cleanup
+                os.kill(os.getpid(), 9)
+            if (tc["checkpoint_every"] and done % int(tc["checkpoint_every"]) == 0) or is_last:
+                mgr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave({"step": done, "task": task.name,
+                                                                               "data_position": done * tc["batch_size"],
+                                                                               **task.extra_meta})))
+        mgr.wait_until_finished()
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+    nnx.update(model, state["params"])
+    last["trainable_params"] = n_train
+    return last
