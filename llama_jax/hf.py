@@ -317,10 +317,11 @@ def save_tokenizer_files(tokenizer, out: Path) -> None:
         for f in found:
             shutil.copy2(f, out / f.name)
     elif src.suffix == ".model":
-        from .tokenizer.hf_files import write_hf_tokenizer_files
+        from .tokenizer.hf_files import write_hf_files
+        from .tokenizer.sp_model import load_model_proto
 
         shutil.copy2(src, out / "tokenizer.model")
-        write_hf_tokenizer_files(out / "tokenizer.model", out)
+        write_hf_files(load_model_proto(src), out)
     else:
         raise CheckpointError(f"{src}: not a tokenizer directory or tokenizer.model")
 
