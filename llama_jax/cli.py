@@ -77,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--base-tokenizer", default=None)
     d.set_defaults(func=_cmd_demo)
 
+    def _cmd_resize(args) -> int:
+        from .resize import cmd_resize  # imported on use: keeps `llama-jax --help` light
+
+        return cmd_resize(args)
+
+    r = sub.add_parser("resize", help="grow a model's embeddings / lm_head to a merged (extended) tokenizer")
+    r.add_argument("--model", required=True, metavar="IN", help="HF model dir or llama_jax checkpoint")
+    r.add_argument("--tokenizer", required=True, metavar="DIR",
+                   help="merged tokenizer: dir with tokenizer.model (+ HF files) or a tokenizer.model")
+    r.add_argument("--out", required=True, metavar="OUT", help="HF directory to write (atomically)")
+    r.add_argument("--base-tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.model the model was trained with (default: IN/tokenizer.model)")
+    r.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
+                   help="round the new vocab size up to a multiple of N (extra rows: mean of all rows)")
+    r.set_defaults(func=_cmd_resize)
+
     try:
         from .tokenizer.cli import add_tokenizer_commands
     except ImportError:
@@ -94,6 +110,10 @@ def main(argv=None) -> int:
         if not hasattr(args, "overrides") or any("=" not in u or u.startswith("-") for u in unknown):
             ap.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = list(args.overrides) + unknown
+    if os.environ.get("LLAMA_JAX_COORDINATOR"):  # multi-host: every process runs the same command
+        from .sharding import initialize_distributed
+
+        initialize_distributed(cpu_collectives=os.environ.get("LLAMA_JAX_CPU_COLLECTIVES") == "gloo")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)

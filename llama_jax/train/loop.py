@@ -151,8 +151,9 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
     if tc["batch_size"] % (accum * max(1, jax.process_count())):
         raise TrainingError(f"train.batch_size={tc['batch_size']} must be divisible by train.grad_accum={accum} "
                             f"x {jax.process_count()} processes")
-    (run_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
-                                                    indent=2, ensure_ascii=False) + "\n")
+    if jax.process_index() == 0:
+        (run_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                                        indent=2, ensure_ascii=False) + "\n")
 
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     tx, lr_fn = make_optimizer(tc, params)
