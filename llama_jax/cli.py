@@ -110,7 +110,8 @@ def main(argv=None) -> int:
         if not hasattr(args, "overrides") or any("=" not in u or u.startswith("-") for u in unknown):
             ap.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = list(args.overrides) + unknown
-    if os.environ.get("LLAMA_JAX_COORDINATOR"):  # multi-host: every process runs the same command
+    if os.environ.get("LLAMA_JAX_COORDINATOR") or os.environ.get("LLAMA_JAX_DISTRIBUTED") == "1":
+        # multi-host: every process runs the same command
         from .sharding import initialize_distributed
 
         initialize_distributed(cpu_collectives=os.environ.get("LLAMA_JAX_CPU_COLLECTIVES") == "gloo")

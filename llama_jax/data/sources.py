@@ -17,9 +17,7 @@ def load_texts(spec: str | list[str], text_field: str = "text", split: str = "tr
     """A `datasets.Dataset` with a column `text_field` from local files or a hub dataset name."""
     import datasets
 
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    if not specs:
-        raise DataError("no data files given")
+    specs = expand(spec)
     local = [Path(s) for s in specs]
     if all(p.suffix in _BUILDERS for p in local):
         for p in local:
@@ -51,10 +49,29 @@ def load_texts(spec: str | list[str], text_field: str = "text", split: str = "tr
     return ds.rename_column(text_field_here, "text") if text_field_here != "text" else ds
 
 
+def expand(spec: str | list[str]) -> list[str]:
+    """File lists may hold glob patterns; a pattern matching nothing is an error, not an empty set."""
+    import glob
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not specs:
+        raise DataError("no data files given")
+    out = []
+    for s in specs:
+        if any(c in s for c in "*?["):
+            hits = sorted(glob.glob(s))
+            if not hits:
+                raise DataError(f"{s}: no files match this pattern")
+            out.extend(hits)
+        else:
+            out.append(s)
+    return out
+
+
 def fingerprint_files(paths) -> str:
     """Content hash of local files (hub datasets: the name), for cache keys."""
     h = hashlib.sha256()
-    for p in sorted(map(str, paths)):
+    for p in sorted(map(str, expand(list(paths)))):
         h.update(p.encode())
         if os.path.exists(p):
             with open(p, "rb") as f:
