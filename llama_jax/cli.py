@@ -30,6 +30,14 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export
+
+    out = export(args.model, args.out, peft=args.peft, step=args.step)
+    print(f"exported to {out}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -70,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="run directory (rerunning the same command resumes)")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
         p.set_defaults(func=_cmd_stage(name))
+
+    e = sub.add_parser("export", help="run directory / checkpoint -> HF directory (merged) or PEFT adapter")
+    e.add_argument("--model", required=True, help="a run directory, llama_jax checkpoint or HF directory")
+    e.add_argument("--out", required=True)
+    e.add_argument("--peft", action="store_true", help="write the LoRA adapter in PEFT format instead of merging")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    e.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo")
     d.add_argument("--out", default="runs/demo")

@@ -34,6 +34,20 @@ def test_eval_perplexity_falls(tmp_path, data_dir):
     assert all(b < a for a, b in zip(evals, evals[1:])), evals  # falls at every eval
     assert evals[0] < np.log(32000) and evals[-1] < evals[0] - 0.5, evals
     assert r["eval_ppl"] == pytest.approx(np.exp(evals[-1]))
+    # the run exports as an HF directory that transformers loads with the same logits
+    import torch
+    import transformers
+    import jax.numpy as jnp
+    from llama_jax.cli import main
+
+    out = tmp_path / "hf"
+    assert main(["export", "--model", r["run_dir"], "--out", str(out)]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok("人工智能是计算机科学的一个分支")["input_ids"]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(r["model"](jnp.asarray([ids]))), ref, atol=1e-4)
 
 
 def _cli(run_dir, *extra, env=None):

@@ -65,6 +65,26 @@ def _state_tree(step, params, opt_state, nonfinite):
     return {"step": step, "params": params, "opt_state": opt_state, "nonfinite": nonfinite}
 
 
+def restore_latest(model, cfg: dict, run_dir, trainable=nnx.Param, step: int | None = None) -> int:
+    """Load the trainable parameters of a run's latest (or given) checkpoint into `model`."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = Path(run_dir).absolute() / "checkpoints"
+    mgr = ocp.CheckpointManager(ckpt_dir)
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise TrainingError(f"{ckpt_dir}: no complete checkpoint")
+    _, params, _ = nnx.split(model, trainable, ...)
+    tx, _ = make_optimizer(cfg["train"], params)
+    opt = jax.eval_shape(tx.init, params)
+    abstract = _state_tree(jax.ShapeDtypeStruct((), jnp.int32), params, opt, jax.ShapeDtypeStruct((), jnp.int32))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            abstract)
+    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    nnx.update(model, restored["state"]["params"])
+    return step
+
+
 def peak_flops(tc: dict) -> float | None:
     if tc.get("peak_flops"):
         return float(tc["peak_flops"])

@@ -1,0 +1,52 @@
+"""`llama-jax export`: a run directory or checkpoint -> an HF directory (merged) or a PEFT adapter."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .train.config import resolve_path
+
+
+def export(src: str | Path, out: str | Path, peft: bool = False, step: int | None = None) -> Path:
+    import llama_jax
+
+    src = Path(src)
+    run_cfg = src / "config.json"
+    if (src / "checkpoints").is_dir() and run_cfg.exists():
+        cfg = json.loads(run_cfg.read_text())
+        model, tok = _model_from_run(cfg, src, step)
+    else:  # an HF dir or a llama_jax checkpoint: a format conversion
+        if peft:
+            raise ValueError(f"{src}: --peft needs a LoRA training run directory")
+        model, tok = llama_jax.load(src), (src if _has_tokenizer(src) else None)
+    from . import lora
+
+    if peft:
+        if not lora.has_lora(model):
+            raise ValueError(f"{src}: this run did not train LoRA (lora.enabled is false); export without --peft")
+        return lora.save_peft(model, out, base_model_name_or_path=str(resolve_path(cfg, cfg["model"]["init"])))
+    if lora.has_lora(model):
+        model = lora.merge(model)
+    return llama_jax.save_hf(model, out, tokenizer=tok)
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return any((d / n).exists() for n in ("tokenizer.model", "tokenizer.json"))
+
+
+def _model_from_run(cfg: dict, run_dir: Path, step):
+    from .stages.common import build_model
+    from .stages.lora_setup import maybe_apply_lora
+    from .train.loop import restore_latest
+
+    head = "score" if cfg.get("_head") == "score" else "lm"
+    tok_path = resolve_path(cfg, cfg.get("tokenizer")) or resolve_path(cfg, cfg["model"]["init"])
+    vocab = None
+    if tok_path and Path(tok_path).exists():
+        from .text import load_tokenizer
+
+        vocab = len(load_tokenizer(tok_path))
+    model = build_model(cfg, None, vocab_size=vocab, head=head)
+    trainable = maybe_apply_lora(cfg, model)
+    restore_latest(model, cfg, run_dir, trainable, step)
+    return model, tok_path
