@@ -189,8 +189,15 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
                                                  else replicated, frozen))
     seed = int(tc["seed"])
 
-    def micro_loss(p, frz, mb, rng):
-        s, w, aux = task.loss_fn(nnx.merge(graphdef, p, frz), mb, rng)
+    from ..lora import has_lora, with_dropout_step
+
+    lora_dropout = has_lora(model) and model.lora_config.dropout > 0
+
+    def micro_loss(p, frz, mb, rng, counter=0):
+        if lora_dropout:
+            frz = with_dropout_step(frz, counter)
+        m = nnx.merge(graphdef, p, frz)
+        s, w, aux = task.loss_fn(m, mb, rng)
         return s, (w, aux)
 
     def step_fn(st, frz, batch):
@@ -200,7 +207,8 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
         def body(carry, xs):
             g_acc, s_acc, w_acc, a_acc = carry
             i, mb = xs
-            (s, (w, aux)), g = grad_fn(st["params"], frz, mb, jax.random.fold_in(rng, i))
+            (s, (w, aux)), g = grad_fn(st["params"], frz, mb, jax.random.fold_in(rng, i),
+                                          st["step"] * accum + i + 1)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
             a_acc = {k: a_acc[k] + aux[k] for k in a_acc} if a_acc else aux
             return (g_acc, s_acc + s, w_acc + w, a_acc), None
@@ -227,6 +235,7 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
 
     def eval_fn(p, frz, batch):
         m = nnx.merge(graphdef, p, frz)
+        m.eval()  # dropout off
         s, w, aux = task.loss_fn(m, batch, jax.random.key(0))
         return s, w, aux
 
