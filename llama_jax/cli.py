@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
     g.set_defaults(func=_cmd_generate)
 
-    for name, help_ in (("pretrain", "continued pretraining on packed text"),):
+    for name, help_ in (("pretrain", "continued pretraining on packed text"),
+                        ("sft", "supervised fine-tuning on chat data (full or LoRA)"),):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config (see configs/)")
         p.add_argument("--out", default=None, help="run directory (rerunning the same command resumes)")

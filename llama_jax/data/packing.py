@@ -100,11 +100,14 @@ def pack(docs: list[np.ndarray], block_size: int, bos: int | None, eos: int | No
 class StepIndexedBatches:
     """Batch for step s = rows of a per-epoch seeded permutation; this host's slice only."""
 
-    def __init__(self, blocks: PackedBlocks, global_batch: int, seed: int, host: int = 0, num_hosts: int = 1,
+    def __init__(self, blocks: PackedBlocks | dict, global_batch: int, seed: int, host: int = 0, num_hosts: int = 1,
                  shuffle: bool = True):
         if global_batch % num_hosts:
             raise DataError(f"global batch {global_batch} is not divisible by {num_hosts} hosts")
-        if len(blocks) == 0:
+        if isinstance(blocks, PackedBlocks):
+            blocks = {"tokens": blocks.tokens, "segments": blocks.segments, "positions": blocks.positions}
+        self.n = len(next(iter(blocks.values())))
+        if self.n == 0:
             raise DataError("no training blocks")
         self.blocks, self.G, self.seed, self.shuffle = blocks, global_batch, seed, shuffle
         self.host, self.num_hosts = host, num_hosts
@@ -112,13 +115,13 @@ class StepIndexedBatches:
 
     def _perm(self, epoch):
         if epoch not in self._perms:
-            n = len(self.blocks)
+            n = self.n
             self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
                            else np.arange(n)}
         return self._perms[epoch]
 
     def rows(self, step: int) -> np.ndarray:
-        n = len(self.blocks)
+        n = self.n
         per_host = self.G // self.num_hosts
         start = step * self.G + self.host * per_host
         idx = np.arange(start, start + per_host)
@@ -126,5 +129,22 @@ class StepIndexedBatches:
 
     def batch(self, step: int) -> dict:
         r = self.rows(step)
-        b = self.blocks
-        return {"tokens": b.tokens[r], "segments": b.segments[r], "positions": b.positions[r]}
+        return {k: v[r] for k, v in self.blocks.items()}
+
+
+class StepIndexedList:
+    """Precomputed batches of differing shapes (length buckets): step s takes batch perm[s % n]
+    of a per-epoch seeded permutation; each host its contiguous slice of the batch's rows."""
+
+    def __init__(self, batches: list[dict], seed: int, host: int = 0, num_hosts: int = 1):
+        if not batches:
+            raise DataError("no training batches")
+        self.batches, self.seed, self.host, self.num_hosts = batches, seed, host, num_hosts
+
+    def batch(self, step: int) -> dict:
+        n = len(self.batches)
+        perm = np.random.default_rng([self.seed, step // n]).permutation(n)
+        b = self.batches[perm[step % n]]
+        rows = len(next(iter(b.values())))
+        per = rows // self.num_hosts
+        return {k: v[self.host * per:(self.host + 1) * per] for k, v in b.items()}

@@ -1,0 +1,135 @@
+"""Supervised fine-tuning: chat templates, loss on assistant turns + EOS, on the shared loop.
+
+Batches are packed (several conversations per row, segment-masked attention, the default) or
+length-bucketed, so padding does not eat the compute.  At each eval the model also answers a few
+prompts; the answers go to `samples.jsonl` in the run directory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..data.chat import IGNORE_INDEX, Conversation, bucket_batches, get_template, load_sft, pack_examples, padding_fraction
+from ..data.packing import StepIndexedBatches, StepIndexedList
+from ..data.sources import DataError, expand
+from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
+from ..train.loop import Task, train
+from .common import build_mesh, build_model, build_tokenizer, check_vocab, flops_per_token, token_cross_entropy
+
+DEFAULTS = stage_defaults(data={
+    "train_files": [], "eval_files": [], "eval_fraction": 0.05, "template": "chinese-alpaca-2", "max_length": 512,
+    "batching": "pack", "on_error": "skip",
+    "sample_prompts": ["请介绍一下中国的首都。", "用一句话解释什么是机器学习。"], "sample_max_new_tokens": 64,
+})
+
+
+def sft_loss(model, batch):
+    """Mean cross entropy over labelled positions (labels -100 elsewhere), HF's convention."""
+    tokens, labels = batch["tokens"], batch["labels"]
+    if "segments" in batch:
+        logits = model(tokens, positions=batch["positions"], segment_ids=batch["segments"])
+    else:
+        logits = model(tokens, attention_mask=batch["attention_mask"])
+    targets = labels[:, 1:]
+    w = (targets != IGNORE_INDEX).astype(jnp.float32)
+    return token_cross_entropy(logits[:, :-1], jnp.where(targets == IGNORE_INDEX, 0, targets), w)
+
+
+def _rows(examples, dc, G, seed, pad_id):
+    if dc["batching"] == "pack":
+        rows = pack_examples(examples, int(dc["max_length"]), pad_id)
+        return rows, padding_fraction(rows)
+    if dc["batching"] == "bucket":
+        bs = bucket_batches(examples, G, seed, pad_id=pad_id, drop_last=True)
+        for b in bs:
+            b["attention_mask"] = (b.pop("segments") > 0).astype(np.int32)
+            b.pop("positions", None)
+        return bs, padding_fraction([{"segments": b["attention_mask"]} for b in bs])
+    raise ConfigError(f"data.batching: {dc['batching']!r} is not 'pack' or 'bucket'")
+
+
+def build_task(cfg, tok, model, run_dir: Path):
+    dc, tc = cfg["data"], cfg["train"]
+    T = int(dc["max_length"])
+    if T > model.config.max_position_embeddings:
+        raise ConfigError(f"data.max_length={T} exceeds the model's max_position_embeddings="
+                          f"{model.config.max_position_embeddings}")
+    template = get_template(dc["template"])
+    files = expand([resolve_path(cfg, f) for f in dc["train_files"]])
+    examples, stats = load_sft(files, tok, template, T, dc["on_error"])
+    print(f"sft data: {stats.report()}")
+    if dc["eval_files"]:
+        eval_examples, _ = load_sft(expand([resolve_path(cfg, f) for f in dc["eval_files"]]), tok, template, T,
+                                    dc["on_error"])
+    else:
+        n_eval = max(1, int(len(examples) * float(dc["eval_fraction"])))
+        if n_eval >= len(examples):
+            raise DataError(f"{files}: {len(examples)} usable example(s) are too few to hold out an eval set")
+        examples, eval_examples = examples[:-n_eval], examples[-n_eval:]
+    G, seed = int(tc["batch_size"]), int(tc["seed"])
+    pad = getattr(tok, "pad_token_id", None) or 0
+    host, nh = jax.process_index(), jax.process_count()
+    rows, pad_frac = _rows(examples, dc, G, seed, pad)
+    if dc["batching"] == "pack":
+        if len(rows["tokens"]) < G:
+            raise DataError(f"{files}: {len(rows['tokens'])} packed rows for a batch of {G}")
+        train_batches = StepIndexedBatches(rows, G, seed, host, nh)
+    else:
+        train_batches = StepIndexedList(rows, seed, host, nh)
+    ev_rows, _ = _rows(eval_examples, {**dc, "batching": "pack"}, G, seed, pad)
+    n = min(len(ev_rows["tokens"]) // G, int(tc["eval_batches"])) * G
+    per = G // nh
+    eval_list = [{k: v[b0 + host * per:b0 + (host + 1) * per] for k, v in ev_rows.items()} for b0 in range(0, n, G)]
+    print(f"sft batches: {dc['batching']}, padding {pad_frac:.1%} of tokens; eval {len(eval_list)} batch(es)")
+    prompts = _sample_prompts(dc, template, tok)
+    samples_path = run_dir / "samples.jsonl"
+
+    def samples(m, step):
+        if not prompts or jax.process_index() != 0:
+            return {}
+        import llama_jax
+
+        m.eval()
+        outs = llama_jax.generate(m, [p for _, p in prompts], max_new_tokens=int(dc["sample_max_new_tokens"]),
+                                  temperature=0.0)
+        with open(samples_path, "a") as f:
+            for (q, _), o in zip(prompts, outs):
+                f.write(json.dumps({"step": step, "prompt": q, "response": tok.decode(o, skip_special_tokens=True)},
+                                   ensure_ascii=False) + "\n")
+        return {}
+
+    return Task(name="sft", loss_fn=lambda m, b, rng: (*sft_loss(m, b), {}), train=train_batches,
+                eval_batches=eval_list, eval_fn=samples, flops_per_token=flops_per_token(model.config, T),
+                tokens_per_row=T if dc["batching"] == "pack" else 0,
+                extra_meta={"padding_fraction": pad_frac, **{k: int(v) for k, v in stats.counts.items()}})
+
+
+def _sample_prompts(dc, template, tok):
+    out = []
+    for q in dc["sample_prompts"] or []:
+        conv = Conversation(None, [("user", q), ("assistant", "x")])
+        out.append((q, template.exchanges(conv, tok)[0][0]))
+    return out
+
+
+def run(config_path, out: str | None = None, overrides=()) -> dict:
+    return run_config(load_config(DEFAULTS, config_path, list(overrides)), out)
+
+
+def run_config(cfg: dict, out: str | None = None) -> dict:
+    from .lora_setup import maybe_apply_lora
+
+    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-sft").absolute()
+    mesh = build_mesh(cfg)
+    tok = build_tokenizer(cfg)
+    model = build_model(cfg, mesh, vocab_size=len(tok))
+    check_vocab(tok, model)
+    task = build_task(cfg, tok, model, run_dir)
+    trainable = maybe_apply_lora(cfg, model)
+    result = train(task, model, cfg, run_dir, mesh, trainable=trainable)
+    result.update(run_dir=str(run_dir), model=model)
+    return result
