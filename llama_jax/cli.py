@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     for name, help_ in (("pretrain", "continued pretraining on packed text"),
-                        ("sft", "supervised fine-tuning on chat data (full or LoRA)"),):
+                        ("sft", "supervised fine-tuning on chat data (full or LoRA)"),
+                        ("dpo", "direct preference optimisation (sigmoid, hinge, ipo)"),
+                        ("rm", "reward model on preference pairs (Bradley-Terry scalar head)"),
+                        ("ppo", "PPO (RLHF) from an SFT model with a reward model or reward function"),):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config (see configs/)")
         p.add_argument("--out", default=None, help="run directory (rerunning the same command resumes)")

@@ -59,6 +59,7 @@ class Task:
     tokens_per_row: int = 0
     eval_fn: Callable | None = None  # extra eval metrics: fn(model, step) -> dict, host side
     extra_meta: dict = field(default_factory=dict)
+    perplexity: bool = True  # eval_ppl = exp(eval_loss) only means something for token losses
 
 
 def _state_tree(step, params, opt_state, nonfinite):
@@ -281,7 +282,9 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
             for k, v in aux.items():
                 aux_tot[k] = aux_tot.get(k, 0.0) + float(v)
         loss = s_tot / max(w_tot, 1.0)
-        rec = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        rec = {"eval_loss": loss}
+        if task.perplexity:
+            rec["eval_ppl"] = math.exp(min(loss, 50.0))
         rec.update({f"eval_{k}": v / max(w_tot, 1.0) for k, v in aux_tot.items()})
         if task.eval_fn is not None:
             rec.update(task.eval_fn(nnx.merge(graphdef, state["params"], frozen), step))

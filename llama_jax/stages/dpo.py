@@ -1,0 +1,187 @@
+"""DPO on the shared loop: sigmoid, hinge and IPO losses (TRL's formulas).
+
+Reference log-probs come from the LoRA-off policy (same weights, no second copy) when LoRA
+trains only adapters, and are otherwise precomputed once with the initial model before the first
+step (exact for full fine-tuning and for LoRA with full embed/lm_head modules).
+Δ = (logπ(c) − logπ_ref(c)) − (logπ(r) − logπ_ref(r));  sigmoid: −log σ(βΔ);  hinge: relu(1 − βΔ);
+ipo: (Δ − 1/(2β))² with log-probs averaged over response tokens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..data.packing import StepIndexedBatches
+from ..data.preference import load_pairs, pair_batch
+from ..data.sources import DataError, expand
+from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
+from ..train.loop import Task, train
+from .common import build_mesh, build_model, build_tokenizer, check_vocab, flops_per_token
+
+DEFAULTS = stage_defaults(
+    data={"train_files": [], "eval_files": [], "eval_fraction": 0.1, "template": "chinese-alpaca-2",
+          "max_length": 512, "max_prompt_length": None, "on_error": "skip"},
+    dpo={"beta": 0.1, "loss": "sigmoid", "reference": "auto"},
+)
+LOSSES = ("sigmoid", "hinge", "ipo")
+
+
+def sequence_logps(model, input_ids, attention_mask, loss_mask, average: bool = False):
+    """Sum (or mean) of log p(token_t | < t) over response tokens, per row, float32."""
+    logits = model(input_ids, attention_mask)[:, :-1].astype(jnp.float32)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), input_ids[:, 1:, None], -1)[..., 0]
+    m = loss_mask[:, 1:].astype(jnp.float32)
+    s = jnp.sum(lp * m, -1)
+    return s / jnp.maximum(jnp.sum(m, -1), 1.0) if average else s
+
+
+def dpo_loss(pol_c, pol_r, ref_c, ref_r, beta: float, kind: str):
+    """Per-pair losses and the implicit rewards, from (summed or averaged) log-probs."""
+    delta = (pol_c - ref_c) - (pol_r - ref_r)
+    if kind == "sigmoid":
+        loss = -jax.nn.log_sigmoid(beta * delta)
+    elif kind == "hinge":
+        loss = jax.nn.relu(1.0 - beta * delta)
+    elif kind == "ipo":
+        loss = (delta - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ConfigError(f"dpo.loss: {kind!r} is not one of {LOSSES}")
+    return loss, beta * (pol_c - ref_c), beta * (pol_r - ref_r)
+
+
+def _pair_arrays(pairs, T, pad):
+    """Fixed-shape arrays per pair (chosen and rejected rows side by side), for step indexing."""
+    b = pair_batch(pairs, pad)
+    width = b["input_ids"].shape[1]
+    if width > T:
+        raise DataError(f"pair longer than data.max_length={T}")
+    B = len(pairs)
+    out = {}
+    for k, v in b.items():
+        v = np.pad(v, ((0, 0), (0, T - width)), constant_values=pad if k == "input_ids" else 0)
+        out[k] = np.stack([v[:B], v[B:]], axis=1)  # [N, 2, T]
+    out["pair_index"] = np.arange(B, dtype=np.int32)
+    return out
+
+
+def make_loss(beta: float, kind: str, lora_reference: bool):
+    average = kind == "ipo"
+
+    def loss_fn(model, batch, rng):
+        ids = batch["input_ids"].reshape(-1, batch["input_ids"].shape[-1])
+        am = batch["attention_mask"].reshape(ids.shape)
+        lm = batch["loss_mask"].reshape(ids.shape)
+        B = batch["input_ids"].shape[0]
+        # rows interleave chosen/rejected per pair: [c0, r0, c1, r1, ...]
+        lp = sequence_logps(model, ids, am, lm, average).reshape(B, 2)
+        if lora_reference:
+            ref = jax.lax.stop_gradient(sequence_logps(_lora_off(model), ids, am, lm, average).reshape(B, 2))
+        else:
+            ref = jnp.stack([batch["ref_chosen"], batch["ref_rejected"]], -1)
+        loss, rc, rr = dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], beta, kind)
+        aux = {"accuracy": jnp.sum((rc > rr).astype(jnp.float32)), "margin": jnp.sum(rc - rr),
+               "reward_chosen": jnp.sum(rc), "reward_rejected": jnp.sum(rr),
+               "logp_chosen": jnp.sum(lp[:, 0]), "logp_rejected": jnp.sum(lp[:, 1])}
+        return jnp.sum(loss), jnp.float32(B), aux
+
+    return loss_fn
+
+
+def _lora_off(model):
+    """The same model with every LoRA update zeroed: B factors replaced by zeros (no copy of W)."""
+    graphdef, state = nnx.split(model)
+    flat = [(p, v.replace(jnp.zeros_like(v.get_value())) if isinstance(v, nnx.LoRAParam) and str(p[-1]) == "b" else v)
+            for p, v in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def precompute_reference(model, arrays, batch_size: int):
+    """Reference log-probs of every pair with the (initial) model, in fixed-size jitted chunks."""
+    graphdef, state = nnx.split(model)
+    average = arrays["_average"]
+
+    @jax.jit
+    def f(st, ids, am, lm):
+        m = nnx.merge(graphdef, st)
+        return sequence_logps(m, ids, am, lm, average)
+
+    N, _, T = arrays["input_ids"].shape
+    outs = []
+    for i in range(0, N, batch_size):
+        sl = slice(i, min(i + batch_size, N))
+        n = sl.stop - sl.start
+        pad = lambda a: np.pad(a[sl], ((0, batch_size - n), (0, 0), (0, 0))).reshape(-1, T)
+        lp = np.asarray(f(state, pad(arrays["input_ids"]), pad(arrays["attention_mask"]), pad(arrays["loss_mask"])))
+        outs.append(lp.reshape(batch_size, 2)[:n])
+    lp = np.concatenate(outs)
+    return lp[:, 0].astype(np.float32), lp[:, 1].astype(np.float32)
+
+
+def build_task(cfg, tok, model, lora_reference: bool):
+    dc, tc, pc = cfg["data"], cfg["train"], cfg["dpo"]
+    if pc["loss"] not in LOSSES:
+        raise ConfigError(f"dpo.loss: {pc['loss']!r} is not one of {LOSSES}")
+    T = int(dc["max_length"])
+    if T > model.config.max_position_embeddings:
+        raise ConfigError(f"data.max_length={T} exceeds max_position_embeddings={model.config.max_position_embeddings}")
+    files = expand([resolve_path(cfg, f) for f in dc["train_files"]])
+    pairs, stats = load_pairs(files, tok, dc["template"], T, dc["on_error"], dc["max_prompt_length"])
+    print(f"dpo data: {stats.report()}")
+    if dc["eval_files"]:
+        eval_pairs, _ = load_pairs(expand([resolve_path(cfg, f) for f in dc["eval_files"]]), tok, dc["template"], T,
+                                   dc["on_error"], dc["max_prompt_length"])
+    else:
+        n_eval = max(1, int(len(pairs) * float(dc["eval_fraction"])))
+        if n_eval >= len(pairs):
+            raise DataError(f"{files}: {len(pairs)} pair(s) are too few to hold out an eval set")
+        pairs, eval_pairs = pairs[:-n_eval], pairs[-n_eval:]
+    pad = getattr(tok, "pad_token_id", None) or 0
+    G = int(tc["batch_size"])
+    arrays, ev = _pair_arrays(pairs, T, pad), _pair_arrays(eval_pairs, T, pad)
+    if not lora_reference:
+        for a in (arrays, ev):
+            a["_average"] = pc["loss"] == "ipo"
+            a["ref_chosen"], a["ref_rejected"] = precompute_reference(model, a, G)
+            del a["_average"]
+    host, nh = jax.process_index(), jax.process_count()
+    n = min(len(ev["pair_index"]) // G, int(tc["eval_batches"])) * G
+    per = G // nh
+    eval_list = [{k: v[b0 + host * per:b0 + (host + 1) * per] for k, v in ev.items() if k != "pair_index"}
+                 for b0 in range(0, n, G)]
+    train_arrays = {k: v for k, v in arrays.items() if k != "pair_index"}
+    return Task(name="dpo", loss_fn=make_loss(float(pc["beta"]), pc["loss"], lora_reference),
+                train=StepIndexedBatches(train_arrays, G, int(tc["seed"]), host, nh), eval_batches=eval_list,
+                flops_per_token=flops_per_token(model.config, T) * (1.5 if lora_reference else 1.0),
+                tokens_per_row=2 * T, extra_meta={"pairs": len(pairs)}, perplexity=False)
+
+
+def run(config_path, out: str | None = None, overrides=()) -> dict:
+    return run_config(load_config(DEFAULTS, config_path, list(overrides)), out)
+
+
+def run_config(cfg: dict, out: str | None = None) -> dict:
+    from .lora_setup import maybe_apply_lora
+
+    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-dpo").absolute()
+    mesh = build_mesh(cfg)
+    tok = build_tokenizer(cfg)
+    model = build_model(cfg, mesh, vocab_size=len(tok))
+    check_vocab(tok, model)
+    lc, ref = cfg["lora"], cfg["dpo"]["reference"]
+    lora_ref_ok = lc["enabled"] and not lc["trainable_modules"]
+    if ref == "auto":
+        ref = "lora_off" if lora_ref_ok else "precomputed"
+    if ref == "lora_off" and not lora_ref_ok:
+        raise ConfigError("dpo.reference=lora_off needs LoRA without trainable_modules (those would change the "
+                          "reference); use 'precomputed'")
+    if ref not in ("lora_off", "precomputed"):
+        raise ConfigError(f"dpo.reference: {ref!r} is not auto, lora_off or precomputed")
+    task = build_task(cfg, tok, model, lora_reference=ref == "lora_off")  # precompute before any update
+    trainable = maybe_apply_lora(cfg, model)
+    result = train(task, model, cfg, run_dir, mesh, trainable=trainable)
+    result.update(run_dir=str(run_dir), model=model, reference=ref)
+    return result
