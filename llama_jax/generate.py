@@ -47,10 +47,11 @@ def sample_token(logits, rng, sp: SamplingParams):
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def prefill(graphdef, state, input_ids, attention_mask, cache: Cache):
-    """Run the prompt through the model, filling the cache; returns (last logits [B, V], cache)."""
+def prefill(graphdef, state, input_ids, attention_mask, cache: Cache, positions=None):
+    """Run the prompt through the model, filling the cache from its index (positions default to
+    cumsum(mask) - 1, i.e. a fresh sequence); returns (last logits [B, V], cache)."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model(input_ids, attention_mask, cache=cache, last_only=True)
+    logits, cache = model(input_ids, attention_mask, positions, cache=cache, last_only=True)
     return logits[:, -1], cache
 
 
