@@ -43,13 +43,15 @@ def _rows(examples, dc, G, seed, pad_id):
     if dc["batching"] == "pack":
         rows = pack_examples(examples, int(dc["max_length"]), pad_id)
         return rows, padding_fraction(rows)
-    if dc["batching"] == "bucket":
-        bs = bucket_batches(examples, G, seed, pad_id=pad_id, drop_last=True)
+    if dc["batching"] in ("bucket", "pad"):
+        # "pad" = the naive baseline: every batch padded to max_length (for benchmarks)
+        multiple = int(dc["max_length"]) if dc["batching"] == "pad" else 64
+        bs = bucket_batches(examples, G, seed, multiple=multiple, pad_id=pad_id, drop_last=True)
         for b in bs:
             b["attention_mask"] = (b.pop("segments") > 0).astype(np.int32)
             b.pop("positions", None)
         return bs, padding_fraction([{"segments": b["attention_mask"]} for b in bs])
-    raise ConfigError(f"data.batching: {dc['batching']!r} is not 'pack' or 'bucket'")
+    raise ConfigError(f"data.batching: {dc['batching']!r} is not 'pack', 'bucket' or 'pad'")
 
 
 def build_task(cfg, tok, model, run_dir: Path):
@@ -102,10 +104,12 @@ def build_task(cfg, tok, model, run_dir: Path):
                                    ensure_ascii=False) + "\n")
         return {}
 
+    real = (rows["segments"] > 0).sum() / len(rows["segments"]) * G if isinstance(rows, dict) else \
+        np.mean([b["attention_mask"].sum() for b in rows])
     return Task(name="sft", loss_fn=lambda m, b, rng: (*sft_loss(m, b), {}), train=train_batches,
                 eval_batches=eval_list, eval_fn=samples, flops_per_token=flops_per_token(model.config, T),
                 tokens_per_row=T if dc["batching"] == "pack" else 0,
-                extra_meta={"padding_fraction": pad_frac, **{k: int(v) for k, v in stats.counts.items()}})
+                extra_meta={"padding_fraction": pad_frac, "real_tokens_per_batch": float(real), **{k: int(v) for k, v in stats.counts.items()}})
 
 
 def _sample_prompts(dc, template, tok):

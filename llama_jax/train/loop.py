@@ -307,6 +307,7 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
                 t_last = now
                 rec = {"step": done, "loss": float(np.mean([x["loss"] for x in ms])), "lr": float(lr_fn(done - 1)),
                        "grad_norm": float(ms[-1]["grad_norm"]), "tokens_per_sec": (rows_tokens or toks) / dt,
+                       "step_time": dt / len(ms),
                        "nonfinite_steps": int(sum(not bool(x["finite"]) for x in ms))}
                 for k in ms[-1]:
                     if k not in ("loss", "grad_norm", "tokens", "finite"):
