@@ -37,12 +37,10 @@ def main():
             f"train.steps={a.steps}", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0",
             f"train.batch_size={a.batch}", "train.progress=false", "mesh.fsdp=1", "data.sample_prompts=[]"])
         with tempfile.TemporaryDirectory() as d:
-            r = sft.run_config(cfg, d)
+            sft.run_config(cfg, d)
             ms = [json.loads(l) for l in open(Path(d) / "metrics.jsonl")]
-            meta = r  # noqa
             # skip the first 2 steps (compilation; bucketing compiles once per distinct length)
             times = [m["step_time"] for m in ms[2:]]
-        from llama_jax.stages.sft import build_task  # noqa: F401  (documenting where the numbers come from)
         rows.append({"batching": batching, "step_time_s": statistics.median(times), "steps_timed": len(times)})
         print(rows[-1], flush=True)
     # useful tokens per batch, from the data itself
