@@ -6,7 +6,6 @@ cache would overflow, the history is re-encoded from the newest turns that fit.
 """
 from __future__ import annotations
 
-import sys
 
 import jax
 import jax.numpy as jnp

@@ -78,7 +78,7 @@ class PackedBlocks:
 
 def pack(docs: list[np.ndarray], block_size: int, bos: int | None, eos: int | None) -> PackedBlocks:
     """Concatenate BOS+doc+EOS and cut into rows of block_size (the tail row is padded)."""
-    pieces, segs, poss = [], [], []
+    pieces = []
     for d in docs:
         seq = np.concatenate([[bos] if bos is not None else [], d, [eos] if eos is not None else []]).astype(np.int32)
         pieces.append(seq)

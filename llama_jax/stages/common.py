@@ -67,3 +67,30 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
     """PaLM-style model FLOPs: 6 N (non-embedding matmul params, lm_head included) + 12 L d T."""
     n = model_cfg.num_params(include_embeddings=False)
     return 6.0 * n + 12.0 * model_cfg.num_hidden_layers * model_cfg.hidden_size * seq_len
+
+
+def eval_batches(rows: dict, global_batch: int, max_batches: int) -> list[dict]:
+    """Up to `max_batches` whole global batches of the leading rows; this host's slice of each."""
+    host, nh = jax.process_index(), jax.process_count()
+    n = min(len(next(iter(rows.values()))) // global_batch, int(max_batches)) * global_batch
+    per = global_batch // nh
+    return [{k: v[b0 + host * per:b0 + (host + 1) * per] for k, v in rows.items()}
+            for b0 in range(0, n, global_batch)]
+
+
+def run_stage(cfg: dict, out: str | None, name: str, build_task, head: str = "lm") -> dict:
+    """The shape of every supervised stage: mesh, tokenizer, model, the stage's Task (built before
+    LoRA is attached, so anything it precomputes sees the initial model), LoRA, the shared loop."""
+    from ..train.loop import train
+    from .lora_setup import maybe_apply_lora
+
+    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-{name}").absolute()
+    mesh = build_mesh(cfg)
+    tok = build_tokenizer(cfg)
+    model = build_model(cfg, mesh, vocab_size=len(tok), head=head)
+    check_vocab(tok, model)
+    task = build_task(cfg, tok, model, run_dir)
+    trainable = maybe_apply_lora(cfg, model)
+    result = train(task, model, cfg, run_dir, mesh, trainable=trainable)
+    result.update(run_dir=str(run_dir), model=model)
+    return result

@@ -8,7 +8,6 @@ ipo: (Δ − 1/(2β))² with log-probs averaged over response tokens.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +18,8 @@ from ..data.packing import StepIndexedBatches
 from ..data.preference import load_pairs, pair_batch
 from ..data.sources import DataError, expand
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
-from ..train.loop import Task, train
-from .common import build_mesh, build_model, build_tokenizer, check_vocab, flops_per_token
+from ..train.loop import Task
+from .common import eval_batches, flops_per_token, run_stage
 
 DEFAULTS = stage_defaults(
     data={"train_files": [], "eval_files": [], "eval_fraction": 0.1, "template": "chinese-alpaca-2",
@@ -148,10 +147,7 @@ def build_task(cfg, tok, model, lora_reference: bool):
             a["ref_chosen"], a["ref_rejected"] = precompute_reference(model, a, G)
             del a["_average"]
     host, nh = jax.process_index(), jax.process_count()
-    n = min(len(ev["pair_index"]) // G, int(tc["eval_batches"])) * G
-    per = G // nh
-    eval_list = [{k: v[b0 + host * per:b0 + (host + 1) * per] for k, v in ev.items() if k != "pair_index"}
-                 for b0 in range(0, n, G)]
+    eval_list = eval_batches({k: v for k, v in ev.items() if k != "pair_index"}, G, tc["eval_batches"])
     train_arrays = {k: v for k, v in arrays.items() if k != "pair_index"}
     return Task(name="dpo", loss_fn=make_loss(float(pc["beta"]), pc["loss"], lora_reference),
                 train=StepIndexedBatches(train_arrays, G, int(tc["seed"]), host, nh), eval_batches=eval_list,
@@ -164,13 +160,6 @@ def run(config_path, out: str | None = None, overrides=()) -> dict:
 
 
 def run_config(cfg: dict, out: str | None = None) -> dict:
-    from .lora_setup import maybe_apply_lora
-
-    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-dpo").absolute()
-    mesh = build_mesh(cfg)
-    tok = build_tokenizer(cfg)
-    model = build_model(cfg, mesh, vocab_size=len(tok))
-    check_vocab(tok, model)
     lc, ref = cfg["lora"], cfg["dpo"]["reference"]
     lora_ref_ok = lc["enabled"] and not lc["trainable_modules"]
     if ref == "auto":
@@ -180,8 +169,7 @@ def run_config(cfg: dict, out: str | None = None) -> dict:
                           "reference); use 'precomputed'")
     if ref not in ("lora_off", "precomputed"):
         raise ConfigError(f"dpo.reference: {ref!r} is not auto, lora_off or precomputed")
-    task = build_task(cfg, tok, model, lora_reference=ref == "lora_off")  # precompute before any update
-    trainable = maybe_apply_lora(cfg, model)
-    result = train(task, model, cfg, run_dir, mesh, trainable=trainable)
-    result.update(run_dir=str(run_dir), model=model, reference=ref)
+    # the task precomputes reference log-probs (if any) before LoRA is attached or any update
+    result = run_stage(cfg, out, "dpo", lambda c, tok, m, _: build_task(c, tok, m, lora_reference=ref == "lora_off"))
+    result["reference"] = ref
     return result

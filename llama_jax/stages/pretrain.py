@@ -6,13 +6,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ..data.packing import PackedBlocks, StepIndexedBatches, pack, tokenize_documents
+from ..data.packing import StepIndexedBatches, pack, tokenize_documents
 from ..data.sources import DataError
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
-from ..train.loop import Task, train
-from .common import build_mesh, build_model, build_tokenizer, check_vocab, flops_per_token, token_cross_entropy
+from ..train.loop import Task
+from .common import eval_batches, flops_per_token, run_stage, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +60,9 @@ def build_task(cfg, tok, model, run_dir: Path):
     G = int(tc["batch_size"])
     if len(blocks) < G:
         raise DataError(f"{files}: only {len(blocks)} blocks of {T} tokens for a batch of {G}")
-    host, nh = jax.process_index(), jax.process_count()
-    batches = StepIndexedBatches(blocks, G, int(tc["seed"]), host, nh)
-    # eval: fixed leading blocks, whole global batches, this host's slice
-    n_eval_rows = min(len(eval_blocks) // G, int(tc["eval_batches"])) * G
-    per = G // nh
-    eval_list = []
-    for b0 in range(0, n_eval_rows, G):
-        r = np.arange(b0 + host * per, b0 + (host + 1) * per)
-        eval_list.append({"tokens": eval_blocks.tokens[r], "segments": eval_blocks.segments[r],
-                          "positions": eval_blocks.positions[r]})
+    batches = StepIndexedBatches(blocks, G, int(tc["seed"]), jax.process_index(), jax.process_count())
+    eval_list = eval_batches({"tokens": eval_blocks.tokens, "segments": eval_blocks.segments,
+                              "positions": eval_blocks.positions}, G, tc["eval_batches"])
     seg_aware = bool(dc["segment_aware"])
     print(f"pretrain data: {len(docs)} documents -> {len(blocks)} blocks of {T} tokens; "
           f"eval {len(eval_list)} batch(es) of {G}")
@@ -85,16 +77,4 @@ def run(config_path, out: str | None = None, overrides=()) -> dict:
 
 
 def run_config(cfg: dict, out: str | None = None) -> dict:
-    from .lora_setup import maybe_apply_lora
-
-    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-pretrain").absolute()
-    mesh = build_mesh(cfg)
-    tok = build_tokenizer(cfg)
-    model = build_model(cfg, mesh, vocab_size=len(tok))
-    check_vocab(tok, model)
-    task = build_task(cfg, tok, model, run_dir)
-    trainable = maybe_apply_lora(cfg, model)
-    result = train(task, model, cfg, run_dir, mesh, trainable=trainable)
-    result["run_dir"] = str(run_dir)
-    result["model"] = model
-    return result
+    return run_stage(cfg, out, "pretrain", build_task)

@@ -17,8 +17,8 @@ from ..data.chat import IGNORE_INDEX, Conversation, bucket_batches, get_template
 from ..data.packing import StepIndexedBatches, StepIndexedList
 from ..data.sources import DataError, expand
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
-from ..train.loop import Task, train
-from .common import build_mesh, build_model, build_tokenizer, check_vocab, flops_per_token, token_cross_entropy
+from ..train.loop import Task
+from .common import eval_batches, flops_per_token, run_stage, token_cross_entropy
 
 DEFAULTS = stage_defaults(data={
     "train_files": [], "eval_files": [], "eval_fraction": 0.05, "template": "chinese-alpaca-2", "max_length": 512,
@@ -83,9 +83,7 @@ def build_task(cfg, tok, model, run_dir: Path):
     else:
         train_batches = StepIndexedList(rows, seed, host, nh)
     ev_rows, _ = _rows(eval_examples, {**dc, "batching": "pack"}, G, seed, pad)
-    n = min(len(ev_rows["tokens"]) // G, int(tc["eval_batches"])) * G
-    per = G // nh
-    eval_list = [{k: v[b0 + host * per:b0 + (host + 1) * per] for k, v in ev_rows.items()} for b0 in range(0, n, G)]
+    eval_list = eval_batches(ev_rows, G, tc["eval_batches"])
     print(f"sft batches: {dc['batching']}, padding {pad_frac:.1%} of tokens; eval {len(eval_list)} batch(es)")
     prompts = _sample_prompts(dc, template, tok)
     samples_path = run_dir / "samples.jsonl"
@@ -125,15 +123,4 @@ def run(config_path, out: str | None = None, overrides=()) -> dict:
 
 
 def run_config(cfg: dict, out: str | None = None) -> dict:
-    from .lora_setup import maybe_apply_lora
-
-    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-sft").absolute()
-    mesh = build_mesh(cfg)
-    tok = build_tokenizer(cfg)
-    model = build_model(cfg, mesh, vocab_size=len(tok))
-    check_vocab(tok, model)
-    task = build_task(cfg, tok, model, run_dir)
-    trainable = maybe_apply_lora(cfg, model)
-    result = train(task, model, cfg, run_dir, mesh, trainable=trainable)
-    result.update(run_dir=str(run_dir), model=model)
-    return result
+    return run_stage(cfg, out, "sft", build_task)
