@@ -350,7 +350,8 @@ def save_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str
 
     cfg = lora_config(model)
     if model.head != "lm":
-        raise NotImplementedError("save_peft: only head='lm' (task_type CAUSAL_LM) is supported")
+        raise ValueError("save_peft: only head='lm' models (PEFT task_type CAUSAL_LM) can be saved as an adapter; "
+                         "merge and export a reward/value model with save_hf")
     tensors = []
     for key, path, layer, kind, shape in _peft_entries(model):
         arr = _var(model, path).get_value()

@@ -31,6 +31,8 @@ Labels sit at the same positions as input_ids (HF convention; the loss shifts th
 """
 from __future__ import annotations
 
+import abc
+
 import json
 import math
 import weakref
@@ -380,21 +382,24 @@ class Piece:
 Exchange = tuple[list[int], list[int]]  # (prompt ids, response ids incl. EOS: the labelled part)
 
 
-class Template:
+class Template(abc.ABC):
     name = "?"
 
+    @abc.abstractmethod
     def render(self, conv: Conversation, tokenizer=None) -> str:
-        raise NotImplementedError
+        """The conversation as one string (BOS/EOS written as <s>/</s>)."""
 
+    @abc.abstractmethod
     def exchanges(self, conv: Conversation, tokenizer) -> list[Exchange]:
-        raise NotImplementedError
+        """(prompt ids, response ids incl. EOS) per user/assistant exchange."""
 
 
 class PieceTemplate(Template):
     """A template written as pieces; BOS/EOS are token ids, written "<s>"/"</s>" when rendered."""
 
+    @abc.abstractmethod
     def pieces(self, conv: Conversation) -> list[Piece]:
-        raise NotImplementedError
+        """The template's text pieces in order."""
 
     def render(self, conv: Conversation, tokenizer=None) -> str:
         return "".join({"bos": "<s>", "eos": "</s>"}.get(p.kind, p.text) for p in self.pieces(conv))
