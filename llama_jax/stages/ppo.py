@@ -1,0 +1,603 @@
+"""PPO (RLHF) for language models: `llama-jax ppo CONFIG.yaml [--out DIR] [k=v ...]`.
+
+One iteration (= one `train.step`):
+  1. prompts of step s (a seeded per-epoch permutation, so step s always gets the same prompts);
+  2. rollout: sample `ppo.max_new_tokens` tokens at `ppo.temperature` with the KV-cache decoder,
+     truncate after the first EOS; teacher-forced passes give old / reference log-probs, values
+     and the reward-model score (or a reward function by name);
+  3. per-token rewards -beta * KL (+ score on the EOS), GAE, whitened advantages;
+  4. `ppo.epochs` x `ppo.minibatches` clipped updates of the policy and the critic (two optimizers);
+  5. beta controller, metrics.jsonl, orbax checkpoint.
+
+Models: the policy starts from `model.init` (the SFT model), LoRA (`lora.enabled`) or full.
+The reference policy is the same weights with LoRA off (B = 0, no second copy of the base), or a
+frozen copy for full fine-tuning.  The critic is a separate value model (head='score') initialised
+from `ppo.value_model`, else the reward model, else the policy's backbone with a zero value head.
+
+Exactness: the RNG of step s is fold_in(seed, s), prompts are a function of s, and the checkpoint
+holds everything that changes (policy and critic trainables, both optimizer states, beta, step),
+so a resumed run logs exactly what an uninterrupted one does.  The checkpoint's `state` item has
+the training loop's layout for the policy, so `llama-jax export --model RUN_DIR` exports it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..data.chat import (ASSISTANT, USER, Conversation, RecordError, Stats, _alpaca_prompt, _history, _system,
+                         get_template, iter_records, parse_messages)
+from ..data.packing import StepIndexedBatches
+from ..data.sources import DataError
+from ..generate import left_pad
+from ..rl import ppo_math
+from ..rl.rollout import (get_reward_fn, make_experience_fn, reference_store, response_logprobs, response_values,
+                          sample_responses)
+from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
+from ..train.loop import MetricsWriter, TrainingError, _to_global
+from ..train.optim import count_params, make_optimizer
+from .common import build_mesh, build_model, build_tokenizer, check_vocab
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = stage_defaults(
+    data={
+        "prompt_files": [],        # json/jsonl: alpaca, sharegpt or preference records; the prompt is used
+        "prompts": [],             # inline user messages (rendered with the template)
+        "prompt_ids": [],          # inline token-id prompts (toy tasks; no tokenizer needed)
+        "template": "chinese-alpaca-2",
+        "max_prompt_length": 256,  # longer prompts are skipped (counted), never cut
+        "max_prompts": None,
+        "on_error": "skip",
+    },
+    ppo={
+        "reward_model": None,      # HF / llama_jax dir of a head='score' model (frozen) ...
+        "reward_fn": None,         # ... or a registered reward function (rl.rollout.REWARDS) / "module:fn"
+        "reward_offset": "auto",   # subtracted from RM scores; auto = the RM dir's reward_offset (llama-jax rm), else 0
+        "value_model": None,       # critic init; default: the reward model, else the policy + zero head
+        "critic_lora": None,       # LoRA critic (value head trained in full); default: lora.enabled
+        "critic_lr": None,         # default: train.lr
+        "max_new_tokens": 64,
+        "temperature": 0.7,
+        "epochs": 4,
+        "minibatches": 1,
+        "gamma": 1.0,
+        "lam": 0.95,
+        "clip": 0.2,
+        "value_clip": 0.2,
+        "vf_coef": 0.1,
+        "ent_coef": 0.0,
+        "kl_estimator": "k1",      # k1 | k2 | k3
+        "kl_coef": 0.05,           # beta (initial beta when adaptive)
+        "adaptive_kl": False,
+        "kl_target": 6.0,
+        "kl_horizon": 10000,
+        "whiten_rewards": False,
+        "missing_eos_score": -1.0,  # score of a response with no EOS within max_new_tokens; null = keep
+    },
+    train={"steps": 100, "batch_size": 16, "lr": 1e-5, "schedule": "linear", "warmup_ratio": 0.0,
+           "min_lr_ratio": 0.0, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "log_every": 1, "eval_every": 0,
+           "checkpoint_every": 20},
+)
+
+TIMING_FIELDS = ("iter_time_s", "rollout_time_s", "tokens_per_sec")
+
+
+# ----------------------------------------------------------------------------- prompts
+def _prompt_conversation(rec, stats, source) -> Conversation:
+    """A record's prompt: sharegpt messages up to the last user turn (any trailing reply dropped),
+    or an alpaca / preference record's instruction (+ input, history, system)."""
+    if not isinstance(rec, dict):
+        raise RecordError("bad_structure", "<record>", f"is {type(rec).__name__}, expected an object")
+    if "conversations" in rec or "messages" in rec:
+        key = "conversations" if "conversations" in rec else "messages"
+        system, messages = parse_messages(rec[key], key)
+        while messages and messages[-1][0] == ASSISTANT:
+            messages = messages[:-1]
+        if not messages:
+            raise RecordError("empty_prompt", key, "no user turn")
+        return Conversation(_system(rec, system), messages)
+    key = next((k for k in ("prompt", "question", "instruction") if k in rec), None)
+    if key is None:
+        raise RecordError("missing_field", "prompt", "missing: none of prompt, question, instruction or "
+                          f"conversations (fields: {', '.join(map(str, rec)) or 'none'})")
+    messages = _history(rec)
+    user, instruction, inp = _alpaca_prompt(rec, key)
+    inputs = {len(messages): (instruction, inp)} if inp.strip() else {}
+    return Conversation(_system(rec), messages + [(USER, user)], inputs)
+
+
+def _prompt_ids(conv: Conversation, tok, template) -> list[int]:
+    """Token ids of the conversation up to where the assistant's reply starts: rendered with a
+    placeholder reply so the template writes the generation prompt, which is then cut off."""
+    full = Conversation(conv.system, conv.messages + [(ASSISTANT, "x")], conv.inputs)
+    ex = template.exchanges(full, tok)
+    return [i for p, r in ex[:-1] for i in p + r] + ex[-1][0]
+
+
+def load_prompts(cfg, tok) -> tuple[list[list[int]], Stats]:
+    dc = cfg["data"]
+    stats = Stats()
+    out = [list(map(int, p)) for p in dc["prompt_ids"]]
+    stats.add("prompts", len(out))
+    if dc["prompts"] or dc["prompt_files"]:
+        if tok is None:
+            raise ConfigError("data.prompts / data.prompt_files need a tokenizer")
+        template = get_template(dc["template"])
+        convs = [Conversation(None, [(USER, str(t))]) for t in dc["prompts"]]
+        files = dc["prompt_files"] if isinstance(dc["prompt_files"], list) else [dc["prompt_files"]]
+        if files:
+            convs += [c for _, c in iter_records([resolve_path(cfg, f) for f in files], _prompt_conversation,
+                                                 stats, dc["on_error"])]
+        for c in convs:
+            ids = _prompt_ids(c, tok, template)
+            if len(ids) > int(dc["max_prompt_length"]):
+                stats.add("skipped_too_long")
+                continue
+            out.append(ids)
+            stats.add("prompts")
+    if dc["max_prompts"]:
+        out = out[: int(dc["max_prompts"])]
+    if not out:
+        raise DataError("PPO: no prompts (data.prompt_files / data.prompts / data.prompt_ids)")
+    if any(len(p) == 0 for p in out):
+        raise DataError("PPO: an empty prompt (every prompt needs at least one token)")
+    return out, stats
+
+
+# ----------------------------------------------------------------------------- models
+def _value_model_from_lm(lm, mesh=None):
+    """A head='score' copy of an LM's backbone with a zero value head (values start at 0, so
+    the first value losses are the returns' scale, not a random head's)."""
+    from ..model import abstract_model
+    from ..sharding import named_sharding
+
+    graphdef, abstract = nnx.split(abstract_model(lm.config, head="score", mesh=mesh))
+    src = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(lm, nnx.Param))}
+    flat = []
+    for path, v in nnx.to_flat_state(abstract):
+        key = tuple(map(str, path))
+        if key in src:
+            val = jnp.copy(src[key].get_value())  # a copy: the critic's trainables are donated
+        else:
+            shape, dtype = v.get_value().shape, v.get_value().dtype
+            val = jnp.zeros(shape, dtype)
+            if mesh is not None:
+                val = jax.device_put(val, named_sharding(mesh, v.axes, shape))
+        flat.append((path, v.replace(val)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _reward_offset(cfg) -> float:
+    """ppo.reward_offset: a number, null (0), or auto: the normalisation offset the RM stage stores
+    with an exported RM (config.json `reward_offset`, or reward_norm.json `offset`), else 0."""
+    v = cfg["ppo"]["reward_offset"]
+    if v is None:
+        return 0.0
+    if v != "auto":
+        return float(v)
+    d = Path(resolve_path(cfg, cfg["ppo"]["reward_model"]))
+    for name, key in (("config.json", "reward_offset"), ("reward_norm.json", "offset")):
+        f = d / name
+        if f.is_file():
+            val = json.loads(f.read_text()).get(key)
+            if val is not None:
+                return float(val)
+    return 0.0
+
+
+def _share_frozen(score_model):
+    """A second model over the same weight buffers, except the value head, which is copied: it is
+    the one leaf of a LoRA critic that trains (its buffer is donated to the update, the others
+    are only ever read)."""
+    graphdef, state = nnx.split(score_model)
+    flat = [(p, v.replace(jnp.copy(v.get_value()) if str(p[0]) == "score" else v.get_value()))
+            for p, v in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _with_init(cfg, init):
+    return {**cfg, "model": {**cfg["model"], "init": init}}
+
+
+def _host(x) -> np.ndarray:
+    if not x.is_fully_addressable:  # multi-host: every process gets the whole (small) array
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+class PPOTrainer:
+    """Models, data and the jitted pieces of one PPO iteration.  `run(run_dir)` is the loop."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        pc, tc, lc = cfg["ppo"], cfg["train"], cfg["lora"]
+        self._check(cfg)
+        self.mesh = build_mesh(cfg)
+        mesh = self.mesh
+        # token-id prompts need no tokenizer (toy tasks); text prompts do
+        need_tok = bool(cfg["data"]["prompts"] or cfg["data"]["prompt_files"])
+        self.tok = build_tokenizer(cfg) if need_tok or cfg.get("tokenizer") else None
+        prompts, self.prompt_stats = load_prompts(cfg, self.tok)
+
+        # -- policy (+ critic from its backbone, built before LoRA is attached)
+        policy = build_model(cfg, mesh, vocab_size=len(self.tok) if self.tok is not None else None)
+        if self.tok is not None:
+            check_vocab(self.tok, policy)
+        self.config = policy.config
+        V = policy.config.vocab_size
+        bad = [p for p in prompts if max(p) >= V or min(p) < 0]
+        if bad:
+            raise DataError(f"PPO: prompt ids outside the vocabulary [0, {V}): {bad[0]}")
+        rm, self.reward_offset = None, 0.0
+        if pc["reward_model"]:
+            rm = build_model(_with_init(cfg, pc["reward_model"]), mesh, None, head="score")
+            self.reward_offset = _reward_offset(cfg)
+        critic_src = pc["value_model"] or pc["reward_model"]
+        critic_lora = lc["enabled"] if pc["critic_lora"] is None else bool(pc["critic_lora"])
+        if critic_src and critic_lora and critic_src == pc["reward_model"]:
+            critic = _share_frozen(rm)  # a LoRA critic on the RM: no second copy of the RM's base
+        elif critic_src:
+            critic = build_model(_with_init(cfg, critic_src), mesh, None, head="score")
+        else:
+            critic = _value_model_from_lm(policy, mesh)
+        for name, m in (("reward model", rm), ("value model", critic)):
+            if m is not None and m.config.vocab_size != V:
+                raise ConfigError(f"ppo: the {name} has vocab_size {m.config.vocab_size}, the policy {V}: "
+                                  "they must share the tokenizer")
+
+        from .lora_setup import maybe_apply_lora
+
+        pol_filter = maybe_apply_lora(cfg, policy)
+        crit_filter = nnx.Param
+        if critic_lora:
+            from .. import lora
+
+            lora.apply(critic, rank=int(lc["rank"]), alpha=float(lc["alpha"]), targets=tuple(lc["targets"]),
+                       dropout=0.0, trainable_modules=("score",), seed=int(tc["seed"]))
+            crit_filter = lora.trainable_filter(critic)
+        self.policy_graphdef, pol_params, self.policy_frozen = nnx.split(policy, pol_filter, ...)
+        self.critic_graphdef, crit_params, self.critic_frozen = nnx.split(critic, crit_filter, ...)
+        self.rm_graphdef, self.rm_state = nnx.split(rm) if rm is not None else (None, None)
+        # reference = policy with LoRA off; only non-LoRA trainables (full FT) need a frozen copy
+        self.ref_store = reference_store(pol_params)
+        self.n_policy_params, self.n_critic_params = count_params(pol_params), count_params(crit_params)
+        self.lora = bool(lc["enabled"])
+
+        # -- data: left-padded to one length, step-indexed like every other stage
+        self.pad_id = next(x for x in (self.config.pad_token_id, getattr(self.tok, "pad_token_id", None), 0)
+                           if x is not None)
+        self.eos_ids = self.config.eos_token_ids
+        if not self.eos_ids:
+            raise ConfigError("PPO: the model config has no eos_token_id (responses could never end)")
+        ids, mask = left_pad(prompts, self.pad_id)
+        self.P, self.N, self.B = ids.shape[1], int(pc["max_new_tokens"]), int(tc["batch_size"])
+        if self.P + self.N > self.config.max_position_embeddings and self.config.rope_type != "dynamic":
+            raise ConfigError(f"prompt length {self.P} + ppo.max_new_tokens {self.N} exceeds the model's "
+                              f"max_position_embeddings={self.config.max_position_embeddings}")
+        self.n_prompts = len(prompts)
+        self.batches = StepIndexedBatches({"prompt_ids": ids, "prompt_mask": mask}, self.B, int(tc["seed"]),
+                                          jax.process_index(), jax.process_count())
+        self.reward_fn = get_reward_fn(pc["reward_fn"]) if pc["reward_fn"] else None
+
+        # -- optimizers: the schedule runs over every minibatch update
+        n_updates = int(tc["steps"]) * int(pc["epochs"]) * int(pc["minibatches"])
+        self.tx, self.lr_fn = make_optimizer({**tc, "steps": n_updates}, pol_params)
+        clr = tc["lr"] if pc["critic_lr"] is None else pc["critic_lr"]
+        self.ctx, self.critic_lr_fn = make_optimizer(
+            {**tc, "steps": n_updates, "lr": clr, "lora_lr": clr if pc["critic_lr"] is not None else tc["lora_lr"]},
+            crit_params)
+        self.updates_per_step = int(pc["epochs"]) * int(pc["minibatches"])
+        self._init_params = (pol_params, crit_params)
+        self._build_fns()
+
+    @staticmethod
+    def _check(cfg):
+        pc, tc, lc = cfg["ppo"], cfg["train"], cfg["lora"]
+        if bool(pc["reward_model"]) == bool(pc["reward_fn"]):
+            raise ConfigError("ppo: give exactly one of ppo.reward_model (a score model) and ppo.reward_fn")
+        if int(tc["grad_accum"]) != 1:
+            raise ConfigError("ppo: train.grad_accum must be 1 (PPO splits the rollout with ppo.minibatches)")
+        B, mb = int(tc["batch_size"]), int(pc["minibatches"])
+        if mb < 1 or B % mb:
+            raise ConfigError(f"ppo.minibatches={mb} must divide train.batch_size={B}")
+        if B % jax.process_count():
+            raise ConfigError(f"train.batch_size={B} must be divisible by {jax.process_count()} processes")
+        if not float(pc["temperature"]) > 0:
+            raise ConfigError("ppo.temperature must be > 0 (sampling; log-probs use the same temperature)")
+        if int(pc["epochs"]) < 1 or int(pc["max_new_tokens"]) < 1:
+            raise ConfigError("ppo.epochs and ppo.max_new_tokens must be >= 1")
+        if lc["enabled"] and float(lc["dropout"]) > 0:
+            raise ConfigError("ppo: lora.dropout must be 0 (dropout makes the rollout and update log-probs "
+                              "differ: the ratio is no longer 1 before an update)")
+        if pc["kl_estimator"] not in ("k1", "k2", "k3"):
+            raise ConfigError(f"ppo.kl_estimator: {pc['kl_estimator']!r} is not one of k1, k2, k3")
+
+    # ------------------------------------------------------------------------- jitted pieces
+    def _build_fns(self):
+        pc = self.cfg["ppo"]
+        T, N = float(pc["temperature"]), self.N
+        self.experience_fn = make_experience_fn(self.policy_graphdef, self.critic_graphdef, self.rm_graphdef,
+                                                temperature=T, eos_ids=self.eos_ids)
+        ctl = ppo_math.KLController(bool(pc["adaptive_kl"]), float(pc["kl_target"]), float(pc["kl_horizon"]))
+        kind, miss = pc["kl_estimator"], pc["missing_eos_score"]
+        gamma, lam, B = float(pc["gamma"]), float(pc["lam"]), self.B
+
+        def advantages(exp, scores, beta):
+            mask = exp["mask"]
+            raw = scores.astype(jnp.float32)
+            if miss is not None:
+                scores = jnp.where(exp["has_eos"], raw, jnp.float32(miss))
+            kl = ppo_math.kl_estimate(exp["logprobs"], exp["ref_logprobs"], kind) * mask
+            rewards, non_score = ppo_math.token_rewards(scores, kl, mask, beta)
+            if pc["whiten_rewards"]:
+                rewards = ppo_math.whiten(rewards, mask, shift_mean=False)
+            adv, ret = ppo_math.gae(rewards, exp["values"], mask, gamma, lam)
+            seq_kl = jnp.sum(kl, axis=-1)
+            mean_kl = jnp.mean(seq_kl)
+            stats = {
+                "score": jnp.mean(scores), "score_std": jnp.std(scores), "score_raw": jnp.mean(raw),
+                "kl": mean_kl, "non_score_reward": jnp.mean(jnp.sum(non_score, -1)),
+                "rlhf_reward": jnp.mean(scores + jnp.sum(non_score, -1)),
+                "eos_rate": jnp.mean(exp["has_eos"].astype(jnp.float32)),
+                "response_length": jnp.mean(jnp.sum(mask, -1)),
+                "rollout_entropy": ppo_math.masked_mean(exp["rollout_entropy"], mask),
+                "value_mean": ppo_math.masked_mean(exp["values"], mask),
+                "return_mean": ppo_math.masked_mean(ret, mask),
+                "advantage_mean": ppo_math.masked_mean(adv, mask),
+                "beta": jnp.asarray(beta, jnp.float32),
+            }
+            return {"advantages": ppo_math.whiten(adv, mask), "returns": ret}, stats, \
+                ppo_math.next_beta(beta, mean_kl, B, ctl)
+
+        self.advantages_fn = jax.jit(advantages)
+
+        pol_gd, crit_gd = self.policy_graphdef, self.critic_graphdef
+        clip, vclip = float(pc["clip"]), float(pc["value_clip"])
+        vf_coef, ent_coef = float(pc["vf_coef"]), float(pc["ent_coef"])
+        E, M = int(pc["epochs"]), int(pc["minibatches"])
+        tx, ctx = self.tx, self.ctx
+
+        def pol_loss(p, frz, mb):
+            model = nnx.merge(pol_gd, p, frz)
+            logp, ent = response_logprobs(model, mb["ids"], mb["attn"], mb["tokens"], T)
+            loss, st = ppo_math.policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], clip)
+            entropy = ppo_math.masked_mean(ent, mb["mask"])
+            return loss - ent_coef * entropy, {**st, "policy_loss": loss, "entropy": entropy}
+
+        def crit_loss(c, frz, mb):
+            critic = nnx.merge(crit_gd, c, frz)
+            v = response_values(critic, mb["ids"], mb["attn"], N)
+            loss, st = ppo_math.value_loss(v, mb["values"], mb["returns"], mb["mask"], vclip)
+            return vf_coef * loss, {**st, "value_loss": loss}
+
+        def update(st, pol_frz, crit_frz, batch, rng):
+            keys = ("ids", "attn", "tokens", "mask", "logprobs", "values", "advantages", "returns")
+            batch = {k: batch[k] for k in keys}
+            perms = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), B) for e in range(E)])
+            idx = perms.reshape(E * M, B // M)
+
+            def one(s, rows):
+                mb = jax.tree.map(lambda x: x[rows], batch)
+                (lp, pst), gp = jax.value_and_grad(pol_loss, has_aux=True)(s["params"], pol_frz, mb)
+                (lc, cst), gc = jax.value_and_grad(crit_loss, has_aux=True)(s["critic_params"], crit_frz, mb)
+                gnp, gnc = optax.global_norm(gp), optax.global_norm(gc)
+                up, new_opt = tx.update(gp, s["opt_state"], s["params"])
+                uc, new_copt = ctx.update(gc, s["critic_opt_state"], s["critic_params"])
+                finite = jnp.isfinite(lp) & jnp.isfinite(lc) & jnp.isfinite(gnp) & jnp.isfinite(gnc)
+                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+                s = {**s,
+                     "params": keep(optax.apply_updates(s["params"], up), s["params"]),
+                     "opt_state": keep(new_opt, s["opt_state"]),
+                     "critic_params": keep(optax.apply_updates(s["critic_params"], uc), s["critic_params"]),
+                     "critic_opt_state": keep(new_copt, s["critic_opt_state"]),
+                     "nonfinite": jnp.where(finite, 0, s["nonfinite"] + 1)}
+                return s, {**pst, **cst, "grad_norm": gnp, "critic_grad_norm": gnc,
+                           "finite": finite.astype(jnp.float32)}
+
+            st, stats = jax.lax.scan(one, st, idx)
+            st = {**st, "step": st["step"] + 1}
+            out = {k: jnp.mean(v) for k, v in stats.items() if k not in ("ratio_maxdev", "finite")}
+            out["ratio_maxdev_first"] = stats["ratio_maxdev"][0]  # 0 up to rounding: same log-prob fn
+            out["nonfinite_updates"] = jnp.sum(1.0 - stats["finite"])
+            return st, out
+
+        self._update = update
+        self.update_fn = None  # jitted with the state's shardings in init_state
+
+    # ------------------------------------------------------------------------- state
+    def init_state(self):
+        """The initial PPO state.  Once: the update donates these parameter buffers."""
+        if self._init_params is None:
+            raise TrainingError("PPOTrainer.init_state: already called (build a new trainer for another run)")
+        pol, crit = self._init_params
+        self._init_params = None
+        mesh = self.mesh
+        st = {"step": jnp.zeros((), jnp.int32), "params": pol, "opt_state": jax.jit(self.tx.init)(pol),
+              "nonfinite": jnp.zeros((), jnp.int32), "critic_params": crit,
+              "critic_opt_state": jax.jit(self.ctx.init)(crit),
+              "beta": jnp.asarray(float(self.cfg["ppo"]["kl_coef"]), jnp.float32)}
+        replicated = NamedSharding(mesh, P())
+        self.shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
+                                      and x.sharding.mesh == mesh else replicated, st)
+        st = jax.device_put(st, self.shardings)
+        fix = lambda t: jax.device_put(t, jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
+                                                       else replicated, t))
+        self.policy_frozen, self.critic_frozen = fix(self.policy_frozen), fix(self.critic_frozen)
+        self.update_fn = jax.jit(self._update, donate_argnums=(0,), out_shardings=(self.shardings, None))
+        return st
+
+    # ------------------------------------------------------------------------- one iteration
+    def collect(self, st, step: int):
+        """Rollout + advantages for step `step`: (batch dict of device arrays, stats, new beta)."""
+        pc = self.cfg["ppo"]
+        rng = jax.random.fold_in(jax.random.key(int(self.cfg["train"]["seed"])), step)
+        prompts = _to_global(self.batches.batch(step), self.mesh, 0)
+        state = nnx.merge_state(st["params"], self.policy_frozen)
+        tokens = sample_responses(self.policy_graphdef, state, self.config, prompts["prompt_ids"],
+                                  prompts["prompt_mask"], jax.random.fold_in(rng, 0), max_new_tokens=self.N,
+                                  temperature=float(pc["temperature"]), eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                  mesh=self.mesh)
+        exp = self.experience_fn(st["params"], self.policy_frozen, self.ref_store, st["critic_params"],
+                                 self.critic_frozen, self.rm_state, prompts["prompt_ids"], prompts["prompt_mask"],
+                                 tokens)
+        if self.reward_fn is not None:
+            scores = self._call_reward(prompts["prompt_ids"], tokens, exp["mask"])
+        else:
+            scores = exp["scores"] - jnp.float32(self.reward_offset)  # normalised RM score
+        adv, stats, new_beta = self.advantages_fn(exp, scores, st["beta"])
+        batch = {**exp, **adv, "scores": scores, "prompt_ids": prompts["prompt_ids"]}
+        return batch, stats, new_beta
+
+    def _call_reward(self, prompt_ids, tokens, mask):
+        p, t, m = _host(prompt_ids), _host(tokens), _host(mask)
+        r = np.asarray(self.reward_fn(p, t, m), dtype=np.float32)
+        if r.shape != (t.shape[0],):
+            raise TrainingError(f"ppo.reward_fn {self.cfg['ppo']['reward_fn']!r} returned shape {r.shape}, "
+                                f"expected ({t.shape[0]},)")
+        if not np.all(np.isfinite(r)):
+            raise TrainingError(f"ppo.reward_fn {self.cfg['ppo']['reward_fn']!r} returned non-finite rewards")
+        sh = mask.sharding if isinstance(mask.sharding, NamedSharding) else None
+        if sh is None:
+            return jnp.asarray(r)
+        sh = NamedSharding(sh.mesh, P(sh.spec[0] if len(sh.spec) else None))
+        return jax.make_array_from_callback(r.shape, sh, lambda idx: r[idx])
+
+    def iteration(self, st, step: int):
+        """One PPO iteration from state `st` (donated); returns (new state, metrics as floats)."""
+        t0 = time.perf_counter()
+        batch, stats, new_beta = self.collect(st, step)
+        jax.block_until_ready(batch["advantages"])
+        t1 = time.perf_counter()
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(self.cfg["train"]["seed"])), step), 1)
+        st, ustats = self.update_fn(st, self.policy_frozen, self.critic_frozen, batch, rng)
+        st = {**st, "beta": new_beta}
+        rec = {k: float(v) for k, v in jax.device_get({**stats, **ustats}).items()}
+        t2 = time.perf_counter()
+        rec["lr"] = float(self.lr_fn(step * self.updates_per_step))
+        rec["rollout_time_s"], rec["iter_time_s"] = t1 - t0, t2 - t0
+        rec["tokens_per_sec"] = self.B * (self.P + rec["response_length"]) / (t2 - t0)
+        return st, rec
+
+    # ------------------------------------------------------------------------- the loop
+    def run(self, run_dir) -> dict:
+        import orbax.checkpoint as ocp
+
+        cfg, tc = self.cfg, self.cfg["train"]
+        run_dir = Path(run_dir).absolute()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            (run_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                                            indent=2, ensure_ascii=False) + "\n")
+        st = self.init_state()
+        steps = int(tc["steps"])
+        mgr = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
+            max_to_keep=int(tc["keep_checkpoints"]), create=True))
+        start = 0
+        latest = mgr.latest_step()
+        if latest is not None:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st)
+            r = mgr.restore(latest, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v)
+                                                              for k, v in _items(abstract).items()}))
+            st = _from_items({k: r[k] for k in _items(abstract)})
+            start = int(st["step"])
+            if jax.process_index() == 0:
+                print(f"resuming from checkpoint at step {start} ({run_dir / 'checkpoints'})")
+        writer = MetricsWriter(run_dir, start, tc.get("tensorboard", False))
+        kill_at = int(os.environ.get("LLAMA_JAX_TEST_KILL_AT_STEP", "0") or 0)  # test hook, as train/loop.py
+        bar = None
+        if tc.get("progress", True) and jax.process_index() == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=start, desc="ppo", dynamic_ncols=True)
+        last, window = {}, []
+        try:
+            for step in range(start, steps):
+                st, rec = self.iteration(st, step)
+                window.append(rec)
+                done = step + 1
+                if done % int(tc["log_every"]) == 0 or done == steps:
+                    out = {"step": done, **{k: float(np.mean([w[k] for w in window])) for k in window[-1]}}
+                    out["nonfinite_updates"] = float(sum(w["nonfinite_updates"] for w in window))
+                    out["ratio_maxdev_first"] = float(max(w["ratio_maxdev_first"] for w in window))
+                    window = []
+                    writer.write(out)
+                    last = out
+                    if bar is not None:
+                        bar.set_postfix({"score": f"{out['score']:.3f}", "kl": f"{out['kl']:.3f}",
+                                         "len": f"{out['response_length']:.1f}"}, refresh=False)
+                    if int(st["nonfinite"]) >= int(tc["max_nonfinite"]):
+                        raise TrainingError(f"{int(st['nonfinite'])} non-finite updates in a row at step {done}; "
+                                            "stopping (the last checkpoint holds finite weights)")
+                if bar is not None:
+                    bar.update(1)
+                if kill_at == done:  # die like a preempted VM, no cleanup
+                    os.kill(os.getpid(), 9)
+                if (tc["checkpoint_every"] and done % int(tc["checkpoint_every"]) == 0) or done == steps:
+                    items = {k: ocp.args.StandardSave(v) for k, v in _items(st).items()}
+                    mgr.save(done, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(
+                        {"step": done, "task": "ppo", "data_position": done * self.B,
+                         "beta": float(st["beta"])})))
+            mgr.wait_until_finished()
+        finally:
+            if bar is not None:
+                bar.close()
+            writer.close()
+        self.state = st
+        last["policy_trainable_params"] = self.n_policy_params
+        last["critic_trainable_params"] = self.n_critic_params
+        return last
+
+    # ------------------------------------------------------------------------- convenience
+    def policy_model(self, st):
+        return nnx.merge(self.policy_graphdef, st["params"], self.policy_frozen)
+
+    def reference_model(self, st):
+        from ..rl.rollout import reference_state
+
+        return nnx.merge(self.policy_graphdef, reference_state(st["params"], self.ref_store), self.policy_frozen)
+
+
+def _items(st):
+    """Checkpoint items: `state` in the training loop's layout (so export finds the policy), the
+    critic and the KL controller beside it."""
+    return {"state": {"step": st["step"], "params": st["params"], "opt_state": st["opt_state"],
+                      "nonfinite": st["nonfinite"]},
+            "critic": {"params": st["critic_params"], "opt_state": st["critic_opt_state"]},
+            "controller": {"beta": st["beta"]}}
+
+
+def _from_items(it):
+    return {**it["state"], "critic_params": it["critic"]["params"], "critic_opt_state": it["critic"]["opt_state"],
+            "beta": it["controller"]["beta"]}
+
+
+def run(config_path, out: str | None = None, overrides=()) -> dict:
+    cfg = load_config(DEFAULTS, config_path, list(overrides))
+    return run_config(cfg, out)
+
+
+def run_config(cfg: dict, out: str | None = None) -> dict:
+    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-ppo").absolute()
+    trainer = PPOTrainer(cfg)
+    print(f"ppo: {trainer.n_prompts} prompts (padded to {trainer.P} tokens), {trainer.B} rollouts x "
+          f"{trainer.N} new tokens per step; policy {'LoRA' if trainer.lora else 'full'} "
+          f"({trainer.n_policy_params:,} trainable), critic {trainer.n_critic_params:,} trainable; "
+          f"reward {cfg['ppo']['reward_model'] or cfg['ppo']['reward_fn']}"
+          + (f" (offset {trainer.reward_offset:g})" if trainer.reward_offset else ""))
+    result = trainer.run(run_dir)
+    result["run_dir"] = str(run_dir)
+    result["trainer"] = trainer
+    result["model"] = trainer.policy_model(trainer.state)
+    return result
