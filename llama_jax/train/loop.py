@@ -101,7 +101,8 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool = False):
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
+        # only process 0 touches the file: another process replacing it would orphan 0's open handle
+        if self.path.exists() and jax.process_index() == 0:
             keep = []
             for line in self.path.read_text().splitlines():
                 try:
