@@ -1,0 +1,401 @@
+"""Greedy decoding throughput vs transformers, and vs the memory-bandwidth bound.
+
+Model: preset "bench-cpu" (hidden 512, 8 layers, vocab 32000, untied lm_head), random init
+(llama_jax init saved with save_hf, loaded by transformers: the same weights on both sides).
+Prompts: 16 random token ids per row; batch 1 (row 0) and batch 8; 128 new tokens, greedy, no
+EOS stop (llama_jax eos_ids=[]; HF generation_config.eos_token_id=None), so every row produces
+exactly 128 tokens.  tokens/s = 128 * batch / wall time of one full generate call (prefill
+included, compilation excluded: each contender runs once untimed first).
+
+    llama_jax:    llama_jax.generate(model, prompts, max_new_tokens=128, temperature=0, eos_ids=[])
+    transformers: model.generate(ids, attention_mask, do_sample=False, max_new_tokens=128)
+                  (LlamaForCausalLM fp32, attn_implementation="sdpa", torch default threads)
+
+Bound: a decode step must read every weight except the embedding table (only B rows of it are
+gathered) plus the KV cache; at the average cache length (prompt + new/2) that is
+    bytes/step = bytes(weights - embedding) + B * d * itemsize + 2 * L * B * avg_len * kv_heads * head_dim * itemsize
+and bound tokens/s = B * read_bandwidth / bytes_per_step, with read_bandwidth measured in the same
+run (jitted jnp.sum over 1 GiB, best of the run; a probe worker interleaved with the contenders).
+
+Contenders run in separate processes, interleaved round by round (common.py).  Besides the
+headline generate() numbers, llama_jax contenders also time prefill and the decode while-loop
+separately (--split), which is where the per-step cost shows.
+
+Diagnostic contenders (names starting "diag-") are NOT llama_jax as shipped: they re-run the same
+model with one change in the decode loop, to measure what a fix would buy:
+    diag-hoisted-*: per-layer weight slices taken once, before the while_loop (the shipped loop slices
+                    the layer-stacked weights inside the loop body, and XLA copies each slice every step);
+    diag-kvsplit-*: the same, and the KV cache kept as one buffer per layer inside the loop (the
+                    shipped loop slices layer i out of the stacked [L, B, S, K, D] cache: another
+                    copy per layer per step, which grows with batch and cache length).
+
+    .venv/bin/python scripts/bench/decode.py [--contenders ...] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+PRESET = "bench-cpu"
+PROMPT_LEN, NEW_TOKENS, BATCHES = 16, 128, (1, 8)
+
+# name -> (kind, dtype, description)
+CONTENDERS = {
+    "hf": ("hf", "float32", "transformers generate(do_sample=False), fp32, sdpa"),
+    "jax-fp32": ("jax", "float32", "llama_jax.generate, fp32 (scan_layers=True)"),
+    "jax-bf16": ("jax", "bfloat16", "llama_jax.generate, bf16 params + compute + KV cache"),
+    "jax-fp32-noscan": ("jax", "float32", "llama_jax.generate, fp32, scan_layers=False"),
+    "diag-hoisted-fp32": ("diag", "float32", "DIAGNOSTIC fp32: per-layer weight slices hoisted out of the loop"),
+    "diag-kvsplit-fp32": ("diag", "float32", "DIAGNOSTIC fp32: hoisted weights + one KV buffer per layer"),
+    "diag-kvsplit-bf16": ("diag", "bfloat16", "DIAGNOSTIC bf16: hoisted weights + one KV buffer per layer"),
+}
+DEFAULT_CONTENDERS = "hf,jax-fp32,jax-bf16,diag-hoisted-fp32,diag-kvsplit-fp32,diag-kvsplit-bf16"
+
+
+def prompts():
+    import numpy as np
+
+    return np.random.default_rng(0).integers(3, 32000, (max(BATCHES), PROMPT_LEN), dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------- bound
+def bytes_per_step(cfg, batch: int, itemsize: int) -> dict:
+    d, L = cfg.hidden_size, cfg.num_hidden_layers
+    weights = (cfg.num_params(include_embeddings=True) - cfg.vocab_size * cfg.hidden_size) * itemsize
+    if cfg.tie_word_embeddings:  # the tied table is read whole by the output projection
+        weights += cfg.vocab_size * d * itemsize
+    emb_rows = batch * d * itemsize
+    avg_len = PROMPT_LEN + NEW_TOKENS / 2
+    kv = 2 * L * batch * avg_len * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    return {"weights": weights, "embedding_rows": emb_rows, "kv_cache_avg": kv, "avg_cache_len": avg_len,
+            "total": weights + emb_rows + kv}
+
+
+# ----------------------------------------------------------------------------- llama_jax workers
+def _diag_decode_fn(kv_split: bool):
+    """Greedy decode with the per-layer weights sliced ONCE before the while_loop (diagnostic).
+    kv_split: also keep the KV cache as one buffer per layer (no per-step slice of the stacked
+    [L, B, S, K, D] cache).  The layers themselves are llama_jax's Block modules, unchanged."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llama_jax.model import AttnInputs, Cache, make_mask, rope_cos_sin
+
+    @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+    def decode_hoisted(graphdef, state, cache, logits, positions, n_new):
+        model = nnx.merge(graphdef, state)
+        cfg = model.config
+        L = cfg.num_hidden_layers
+        layer_gd, layer_params = nnx.split(model.layers)
+        per_layer = [jax.tree.map(lambda a, i=i: a[i], layer_params) for i in range(L)]
+        B = logits.shape[0]
+
+        def forward(tok, pos, kv, seg_ids, pos_ids, index):
+            # == Llama.__call__(tok[:, None], positions=pos, segment_ids=1, cache=...) for one token
+            seg = jnp.ones((B, 1), jnp.int32)
+            pos = pos[:, None]
+            seg_all = jax.lax.dynamic_update_slice(seg_ids, seg, (0, index))
+            pos_all = jax.lax.dynamic_update_slice(pos_ids, pos, (0, index))
+            attn = AttnInputs(make_mask(seg, pos, seg_all, pos_all), index)
+            x = model.embed_tokens(tok[:, None])
+            cos, sin = rope_cos_sin(cfg, pos, x.dtype, pos_all)
+            if kv_split:  # kv = ([L] k buffers [1, B, S, K, D], [L] v buffers): layer i sees index 0
+                ks, vs = list(kv[0]), list(kv[1])
+                for i, p in enumerate(per_layer):
+                    x, (ks[i], vs[i], _) = nnx.merge(layer_gd, p)(x, cos, sin, attn, (ks[i], vs[i], 0), None)
+                kv = (tuple(ks), tuple(vs))
+            else:
+                ck, cv = kv
+                for i, p in enumerate(per_layer):
+                    x, (ck, cv, _) = nnx.merge(layer_gd, p)(x, cos, sin, attn, (ck, cv, i), None)
+                kv = (ck, cv)
+            lg = model.project(model.norm(x))
+            return lg[:, -1], kv, seg_all, pos_all
+
+        def body(step, c):
+            out, kv, seg_ids, pos_ids, logits, pos = c
+            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            out = out.at[:, step].set(tok)
+            logits, kv, seg_ids, pos_ids = forward(tok, pos, kv, seg_ids, pos_ids, cache.index + step)
+            return out, kv, seg_ids, pos_ids, logits, pos + 1
+
+        kv = (cache.k, cache.v)
+        if kv_split:
+            kv = (tuple(cache.k[i:i + 1] for i in range(L)), tuple(cache.v[i:i + 1] for i in range(L)))
+        out = jnp.zeros((B, n_new), jnp.int32)
+        c = (out, kv, cache.segment_ids, cache.positions, logits, positions)
+        out, kv, seg_ids, pos_ids, logits, _ = jax.lax.fori_loop(0, n_new - 1, body, c)
+        out = out.at[:, n_new - 1].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        if kv_split:
+            kv = (jnp.concatenate(kv[0]), jnp.concatenate(kv[1]))
+        return out, Cache(kv[0], kv[1], seg_ids, pos_ids, cache.index + n_new - 1)
+
+    return decode_hoisted
+
+
+def _jax_setup(spec):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import llama_jax
+    from llama_jax.generate import SamplingParams, decode, left_pad, prefill
+    from llama_jax.model import Cache
+
+    model = llama_jax.load(spec["ckpt"], dtype=spec["dtype"], scan_layers=spec.get("scan_layers", True))
+    cfg = model.config
+    P = prompts()
+    diag = spec["kind"] == "diag"
+    decode_hoisted = _diag_decode_fn(spec.get("kv_split", False)) if diag else None
+    graphdef, state = nnx.split(model)
+
+    def split_run(b):
+        """prefill and decode timed separately (same calls generate() makes)."""
+        ids, mask = left_pad([list(r) for r in P[:b]], 0)
+        cache = Cache.init(cfg, b, ids.shape[1] + NEW_TOKENS)
+        jax.block_until_ready(cache)
+        t0 = time.perf_counter()
+        logits, cache = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache)
+        jax.block_until_ready(logits)
+        t1 = time.perf_counter()
+        positions = jnp.asarray(mask.sum(-1), jnp.int32)
+        if diag:
+            out, _ = decode_hoisted(graphdef, state, cache, logits, positions, NEW_TOKENS)
+        else:
+            sp = SamplingParams(NEW_TOKENS, 0.0, 0, 1.0)
+            out, _ = decode(graphdef, state, cache, logits, positions, jax.random.key(0), sp, (), 0, None)
+        out = np.asarray(out)
+        t2 = time.perf_counter()
+        return out, t1 - t0, t2 - t1
+
+    def generate(b):
+        if diag:
+            out, _, _ = split_run(b)
+            return out
+        return np.asarray(llama_jax.generate(model, [list(r) for r in P[:b]], max_new_tokens=NEW_TOKENS,
+                                             temperature=0.0, eos_ids=[]))
+
+    tokens = {}
+    for b in BATCHES:  # compile + warm up both paths
+        tokens[b] = generate(b).tolist()
+        split_run(b)
+
+    def step():
+        res = {}
+        for b in BATCHES:
+            t0 = time.perf_counter()
+            out = generate(b)
+            res[f"gen_s_b{b}"] = time.perf_counter() - t0
+            assert out.shape == (b, NEW_TOKENS), out.shape
+            if spec.get("split", True):
+                _, tp, td = split_run(b)
+                res[f"prefill_s_b{b}"], res[f"decode_s_b{b}"] = tp, td
+        return res
+
+    info = {"tokens": {str(b): t for b, t in tokens.items()}, "jax": jax.__version__,
+            "param_dtype": cfg.param_dtype, "dtype": cfg.dtype, "scan_layers": cfg.scan_layers,
+            "itemsize": jnp.dtype(cfg.param_dtype).itemsize, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    return step, info
+
+
+# ----------------------------------------------------------------------------- transformers worker
+def _hf_setup(spec):
+    import numpy as np
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(spec["ckpt"], dtype=torch.float32,
+                                                          attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None  # never stop early: exactly NEW_TOKENS per row
+    model.generation_config.pad_token_id = 0
+    P = torch.from_numpy(prompts()).long()
+
+    def generate(b):
+        ids = P[:b]
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        return out[:, PROMPT_LEN:].numpy()
+
+    tokens = {b: generate(b).tolist() for b in BATCHES}
+
+    def step():
+        res = {}
+        for b in BATCHES:
+            t0 = time.perf_counter()
+            out = generate(b)
+            res[f"gen_s_b{b}"] = time.perf_counter() - t0
+            assert out.shape == (b, NEW_TOKENS), out.shape
+        return res
+
+    return step, {"tokens": {str(b): t for b, t in tokens.items()}, "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "transformers": transformers.__version__,
+                  "attn_implementation": model.config._attn_implementation, "itemsize": 4}
+
+
+def _bw_setup(spec):
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((spec["nbytes"] // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+
+    def step():  # best of 3 reductions
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f(x).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        return {"best_s": min(ts)}
+    return step, {"nbytes": x.nbytes}
+
+
+def _ckpt_setup(spec):
+    import llama_jax
+
+    cfg = llama_jax.preset(PRESET)
+    llama_jax.save_hf(llama_jax.init_model(cfg, seed=0), spec["path"])
+    return (lambda: None), {}
+
+
+def _worker_setup(spec):
+    return {"hf": _hf_setup, "jax": _jax_setup, "diag": _jax_setup, "bw": _bw_setup, "ckpt": _ckpt_setup}[spec["kind"]](spec)
+
+
+# ----------------------------------------------------------------------------- coordinator
+def _agreement(a, b):
+    """(identical tokens / total, mean length of the identical prefix per row)."""
+    tot = same = 0
+    prefix = []
+    for ra, rb in zip(a, b):
+        tot += len(ra)
+        same += sum(x == y for x, y in zip(ra, rb))
+        k = 0
+        while k < min(len(ra), len(rb)) and ra[k] == rb[k]:
+            k += 1
+        prefix.append(k)
+    return same / max(tot, 1), sum(prefix) / max(len(prefix), 1)
+
+
+def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, log=print):
+    import llama_jax
+
+    t_start = time.time()
+    cfg = llama_jax.preset(PRESET)
+    tmp = tempfile.mkdtemp(prefix="bench_decode_")
+    ckpt = os.path.join(tmp, "ckpt")
+    foreign_before = common.foreign_load_now(1.0)
+    workers, ready = [], {}
+    try:
+        w = common.Worker("ckpt", __file__, {"kind": "ckpt", "path": ckpt}, log=log)
+        w.wait_ready()
+        w.close()
+        workers.append(common.Worker("bw", __file__, {"kind": "bw", "nbytes": nbytes}, log=log))
+        for name in names:
+            kind, dtype, _ = CONTENDERS[name]
+            spec = {"kind": kind, "ckpt": ckpt, "dtype": dtype, "split": split,
+                    "scan_layers": not name.endswith("noscan"), "kv_split": "kvsplit" in name}
+            workers.append(common.Worker(name, __file__, spec, log=log))
+        for w in workers:
+            ready[w.name] = w.wait_ready()
+            log(f"[bench] {w.name} ready")
+        res = common.interleave(workers, rounds, log=log, deadline=t_start + budget_s)
+    finally:
+        for w in workers:
+            w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    used, contended = common.pick_rounds(res)
+    bw = max(ready["bw"]["nbytes"] / x["best_s"] for x in res["bw"])
+    out = {"config": {"preset": PRESET, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "batches": BATCHES},
+           "read_bytes_per_s": bw, "rounds_used": used, "rounds_done": len(res["bw"]), "contended": contended,
+           "foreign_load_before_cores": foreign_before, "quiet_threshold_cores": common.QUIET_CORES,
+           "results": {}, "machine": common.machine_info(), "raw": res}
+    for name in names:
+        kind, dtype, desc = CONTENDERS[name]
+        item = ready[name]["itemsize"]
+        r = {"description": desc, "dtype": dtype, "per_batch": {},
+             "foreign_cores_median": common.med([res[name][i]["foreign_cores"] for i in used])}
+        for b in BATCHES:
+            gen = [res[name][i][f"gen_s_b{b}"] for i in used]
+            bpb = bytes_per_step(cfg, b, item)
+            bound = b * bw / bpb["total"]
+            pb = {"gen_s_median": common.med(gen), "tokens_per_s": NEW_TOKENS * b / common.med(gen),
+                  "bytes_per_step": bpb, "bound_tokens_per_s": bound}
+            pb["fraction_of_bound"] = pb["tokens_per_s"] / bound
+            if "hf" in res and name != "hf":
+                pb["speedup_vs_hf"] = common.paired_ratio([res["hf"][i][f"gen_s_b{b}"] for i in used], gen)
+            if f"decode_s_b{b}" in res[name][used[0]]:
+                dec = common.med([res[name][i][f"decode_s_b{b}"] for i in used])
+                pre = common.med([res[name][i][f"prefill_s_b{b}"] for i in used])
+                # the loop samples NEW_TOKENS tokens and runs NEW_TOKENS - 1 forward passes
+                pb.update({"prefill_s": pre, "decode_loop_s": dec,
+                           "decode_ms_per_step": 1e3 * dec / (NEW_TOKENS - 1),
+                           "decode_loop_tokens_per_s": b * (NEW_TOKENS - 1) / dec,
+                           "decode_loop_fraction_of_bound": b * (NEW_TOKENS - 1) / dec / bound})
+            if "hf" in ready and name != "hf":
+                pb["token_agreement_vs_hf"], pb["mean_identical_prefix_vs_hf"] = _agreement(
+                    ready[name]["tokens"][str(b)], ready["hf"]["tokens"][str(b)])
+            r["per_batch"][str(b)] = pb
+        out["results"][name] = r
+    out["wall_s"] = time.time() - t_start
+    return out
+
+
+def table(out) -> str:
+    hdr = ["contender", "batch", "tokens/s", "bound tokens/s", "of bound", "vs HF (paired)",
+           "prefill ms", "decode ms/step", "decode-loop of bound", "tokens = HF"]
+    rows = []
+    for name, r in out["results"].items():
+        for b, pb in r["per_batch"].items():
+            rows.append([f"{name}: {r['description']}", b, common.fmt(pb["tokens_per_s"], 0),
+                         common.fmt(pb["bound_tokens_per_s"], 0), f"{100 * pb['fraction_of_bound']:.0f}%",
+                         (common.fmt(pb["speedup_vs_hf"], 2) + "x") if "speedup_vs_hf" in pb else "-",
+                         common.fmt(1e3 * pb["prefill_s"], 1) if "prefill_s" in pb else "-",
+                         common.fmt(pb["decode_ms_per_step"], 2) if "decode_ms_per_step" in pb else "-",
+                         f"{100 * pb['decode_loop_fraction_of_bound']:.0f}%" if "decode_loop_fraction_of_bound" in pb else "-",
+                         f"{100 * pb['token_agreement_vs_hf']:.0f}%" if "token_agreement_vs_hf" in pb else "-"])
+    s = common.markdown_table(hdr, rows)
+    any_r = next(iter(out["results"].values()))["per_batch"]
+    s += (f"\n\nRead bandwidth (jnp.sum over 1 GiB, best in run) {out['read_bytes_per_s'] / 1e9:.1f} GB/s.  "
+          f"Bytes/step fp32: " + ", ".join(f"B={b}: {pb['bytes_per_step']['total'] / 1e6:.1f} MB" for b, pb in any_r.items()) +
+          f".  Rounds used {out['rounds_used']} of {out['rounds_done']}"
+          f"{' (CONTENDED: fewer than 2 quiet rounds)' if out['contended'] else ' (quiet)'}; wall {out['wall_s']:.0f}s.")
+    return s
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contenders", default=DEFAULT_CONTENDERS, help=f"comma list from {', '.join(CONTENDERS)}")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-split", action="store_true", help="skip the separate prefill / decode-loop timing")
+    ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to N s for other processes to go idle")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    if args.wait_quiet:
+        common.wait_for_quiet(args.wait_quiet)
+    out = run([c for c in args.contenders.split(",") if c], args.rounds, not args.no_split, args.budget_s)
+    print(table(out))
+    common.write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    if common.is_worker():
+        common.worker_main(_worker_setup)
+    else:
+        main()
