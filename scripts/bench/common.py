@@ -93,7 +93,7 @@ def wait_for_quiet(max_wait_s: float = 0.0, threshold_cores: float = 0.3, log=pr
         if load < threshold_cores or time.time() >= t_end:
             return load
         log(f"[bench] machine busy with other processes ({load:.2f} cores); waiting ...")
-        time.sleep(4.0)
+        time.sleep(0.5)
 
 
 def machine_info() -> dict:
@@ -213,12 +213,16 @@ def worker_main(setup):
 
 
 def interleave(workers: list[Worker], rounds: int, per_round: int = 1, log=print,
-               deadline: float | None = None) -> dict[str, list[dict]]:
-    """Round-robin timing.  Returns {worker name: [result per round]}.  Stops early (keeping at
-    least 2 rounds) when time.time() passes `deadline`."""
+               deadline: float | None = None, quiet_wait_s: float = 0.0) -> dict[str, list[dict]]:
+    """Round-robin timing.  Returns {worker name: [result per round]}.  Before each sample, waits
+    up to `quiet_wait_s` for the other processes on the machine to go idle (a shared machine:
+    quiet samples are the ones reported, see quiet_samples).  Stops early (keeping at least 2
+    rounds) when time.time() passes `deadline`."""
     out = {w.name: [] for w in workers}
     for r in range(rounds):
-        for i, w in enumerate(workers if r % 2 == 0 else workers[::-1]):  # ABC CBA ... (balanced order)
+        for w in (workers if r % 2 == 0 else workers[::-1]):  # ABC CBA ... (balanced order)
+            if quiet_wait_s > 0:
+                wait_for_quiet(quiet_wait_s, log=lambda *_: None)
             res = w.run(per_round)
             out[w.name].append(res)
             log(f"[bench] round {r + 1}/{rounds} {w.name}: "
@@ -229,21 +233,21 @@ def interleave(workers: list[Worker], rounds: int, per_round: int = 1, log=print
     return out
 
 
-QUIET_CORES = 0.3  # a round counts as quiet when every sample in it saw less foreign load than this
+QUIET_CORES = 0.3  # a sample counts as quiet when other processes used less than this many cores
 
 
-def quiet_rounds(res: dict[str, list[dict]], threshold: float = QUIET_CORES) -> list[int]:
-    """Indices of the rounds in which every contender's sample had foreign load < threshold."""
-    n = min(len(v) for v in res.values())
-    return [i for i in range(n) if all(v[i]["foreign_cores"] < threshold for v in res.values())]
+def quiet_samples(samples: list[dict], threshold: float = QUIET_CORES) -> tuple[list[int], bool]:
+    """Indices of one contender's samples to summarise: its quiet ones if there are at least 2,
+    else all of them (then flagged contended=True)."""
+    q = [i for i, x in enumerate(samples) if x["foreign_cores"] < threshold]
+    return (q, False) if len(q) >= 2 else (list(range(len(samples))), True)
 
 
-def pick_rounds(res: dict[str, list[dict]], threshold: float = QUIET_CORES) -> tuple[list[int], bool]:
-    """The rounds to summarise: the quiet ones if there are at least 2, else all (flagged contended)."""
-    q = quiet_rounds(res, threshold)
-    if len(q) >= 2:
-        return q, False
-    return list(range(min(len(v) for v in res.values()))), True
+def paired_quiet(a: list[dict], b: list[dict], threshold: float = QUIET_CORES) -> tuple[list[int], bool]:
+    """Rounds in which both contenders' samples were quiet (at least 1), else all rounds (flagged)."""
+    n = min(len(a), len(b))
+    q = [i for i in range(n) if a[i]["foreign_cores"] < threshold and b[i]["foreign_cores"] < threshold]
+    return (q, False) if q else (list(range(n)), True)
 
 
 # ----------------------------------------------------------------------------- stats / output

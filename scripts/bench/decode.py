@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shutil
 import sys
@@ -212,7 +211,6 @@ def _jax_setup(spec):
 
 # ----------------------------------------------------------------------------- transformers worker
 def _hf_setup(spec):
-    import numpy as np
     import torch
     import transformers
 
@@ -290,7 +288,7 @@ def _agreement(a, b):
     return same / max(tot, 1), sum(prefix) / max(len(prefix), 1)
 
 
-def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, log=print):
+def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, quiet_wait_s=0.0, log=print):
     import llama_jax
 
     t_start = time.time()
@@ -312,23 +310,26 @@ def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, log=print):
         for w in workers:
             ready[w.name] = w.wait_ready()
             log(f"[bench] {w.name} ready")
-        res = common.interleave(workers, rounds, log=log, deadline=t_start + budget_s)
+        res = common.interleave(workers, rounds, log=log, deadline=t_start + budget_s, quiet_wait_s=quiet_wait_s)
     finally:
         for w in workers:
             w.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    used, contended = common.pick_rounds(res)
-    bw = max(ready["bw"]["nbytes"] / x["best_s"] for x in res["bw"])
+    bw = max(ready["bw"]["nbytes"] / x["best_s"] for x in res["bw"])  # best-of over the whole run
     out = {"config": {"preset": PRESET, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "batches": BATCHES},
-           "read_bytes_per_s": bw, "rounds_used": used, "rounds_done": len(res["bw"]), "contended": contended,
+           "read_bytes_per_s": bw, "rounds_done": len(res["bw"]),
            "foreign_load_before_cores": foreign_before, "quiet_threshold_cores": common.QUIET_CORES,
            "results": {}, "machine": common.machine_info(), "raw": res}
     for name in names:
         kind, dtype, desc = CONTENDERS[name]
         item = ready[name]["itemsize"]
-        r = {"description": desc, "dtype": dtype, "per_batch": {},
+        used, contended = common.quiet_samples(res[name])
+        r = {"description": desc, "dtype": dtype, "per_batch": {}, "samples_used": used, "contended": contended,
              "foreign_cores_median": common.med([res[name][i]["foreign_cores"] for i in used])}
+        if "hf" in res and name != "hf":
+            pr, pc = common.paired_quiet(res["hf"], res[name])
+            r["speedup_rounds"], r["speedup_contended"] = pr, pc
         for b in BATCHES:
             gen = [res[name][i][f"gen_s_b{b}"] for i in used]
             bpb = bytes_per_step(cfg, b, item)
@@ -336,8 +337,9 @@ def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, log=print):
             pb = {"gen_s_median": common.med(gen), "tokens_per_s": NEW_TOKENS * b / common.med(gen),
                   "bytes_per_step": bpb, "bound_tokens_per_s": bound}
             pb["fraction_of_bound"] = pb["tokens_per_s"] / bound
-            if "hf" in res and name != "hf":
-                pb["speedup_vs_hf"] = common.paired_ratio([res["hf"][i][f"gen_s_b{b}"] for i in used], gen)
+            if "speedup_rounds" in r:
+                pb["speedup_vs_hf"] = common.paired_ratio([res["hf"][i][f"gen_s_b{b}"] for i in r["speedup_rounds"]],
+                                                          [res[name][i][f"gen_s_b{b}"] for i in r["speedup_rounds"]])
             if f"decode_s_b{b}" in res[name][used[0]]:
                 dec = common.med([res[name][i][f"decode_s_b{b}"] for i in used])
                 pre = common.med([res[name][i][f"prefill_s_b{b}"] for i in used])
@@ -357,23 +359,29 @@ def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, log=print):
 
 def table(out) -> str:
     hdr = ["contender", "batch", "tokens/s", "bound tokens/s", "of bound", "vs HF (paired)",
-           "prefill ms", "decode ms/step", "decode-loop of bound", "tokens = HF"]
+           "prefill ms", "decode ms/step", "decode loop: of bound", "tokens = HF", "samples used", "foreign load"]
     rows = []
     for name, r in out["results"].items():
         for b, pb in r["per_batch"].items():
+            sp = "-"
+            if "speedup_vs_hf" in pb:
+                sp = common.fmt(pb["speedup_vs_hf"], 2) + "x" + (" (contended)" if r["speedup_contended"] else "")
             rows.append([f"{name}: {r['description']}", b, common.fmt(pb["tokens_per_s"], 0),
-                         common.fmt(pb["bound_tokens_per_s"], 0), f"{100 * pb['fraction_of_bound']:.0f}%",
-                         (common.fmt(pb["speedup_vs_hf"], 2) + "x") if "speedup_vs_hf" in pb else "-",
+                         common.fmt(pb["bound_tokens_per_s"], 0), f"{100 * pb['fraction_of_bound']:.0f}%", sp,
                          common.fmt(1e3 * pb["prefill_s"], 1) if "prefill_s" in pb else "-",
                          common.fmt(pb["decode_ms_per_step"], 2) if "decode_ms_per_step" in pb else "-",
                          f"{100 * pb['decode_loop_fraction_of_bound']:.0f}%" if "decode_loop_fraction_of_bound" in pb else "-",
-                         f"{100 * pb['token_agreement_vs_hf']:.0f}%" if "token_agreement_vs_hf" in pb else "-"])
+                         f"{100 * pb['token_agreement_vs_hf']:.0f}%" if "token_agreement_vs_hf" in pb else "-",
+                         f"{len(r['samples_used'])}/{out['rounds_done']}" + (" (contended)" if r["contended"] else ""),
+                         common.fmt(r["foreign_cores_median"], 2)])
     s = common.markdown_table(hdr, rows)
-    any_r = next(iter(out["results"].values()))["per_batch"]
-    s += (f"\n\nRead bandwidth (jnp.sum over 1 GiB, best in run) {out['read_bytes_per_s'] / 1e9:.1f} GB/s.  "
-          f"Bytes/step fp32: " + ", ".join(f"B={b}: {pb['bytes_per_step']['total'] / 1e6:.1f} MB" for b, pb in any_r.items()) +
-          f".  Rounds used {out['rounds_used']} of {out['rounds_done']}"
-          f"{' (CONTENDED: fewer than 2 quiet rounds)' if out['contended'] else ' (quiet)'}; wall {out['wall_s']:.0f}s.")
+    fp32 = next((r for r in out["results"].values() if r["dtype"] == "float32"), None)
+    s += (f"\n\nRead bandwidth (jitted jnp.sum over 1 GiB, best in run) {out['read_bytes_per_s'] / 1e9:.1f} GB/s.")
+    if fp32:
+        s += (" Bytes/step fp32: " + ", ".join(f"B={b}: {pb['bytes_per_step']['total'] / 1e6:.1f} MB"
+                                               for b, pb in fp32["per_batch"].items()) + ".")
+    s += (f" Samples used = those with < {out['quiet_threshold_cores']} cores of foreign load (all, marked "
+          f"contended, when fewer than 2 were quiet); wall {out['wall_s']:.0f}s.")
     return s
 
 
@@ -383,12 +391,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-split", action="store_true", help="skip the separate prefill / decode-loop timing")
     ap.add_argument("--budget-s", type=float, default=240.0)
-    ap.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to N s for other processes to go idle")
+    ap.add_argument("--quiet-wait", type=float, default=60.0,
+                    help="before each timed sample wait up to N s for other processes to go idle")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    if args.wait_quiet:
-        common.wait_for_quiet(args.wait_quiet)
-    out = run([c for c in args.contenders.split(",") if c], args.rounds, not args.no_split, args.budget_s)
+    out = run([c for c in args.contenders.split(",") if c], args.rounds, not args.no_split, args.budget_s,
+              quiet_wait_s=args.quiet_wait)
     print(table(out))
     common.write_json(args.json, out)
     return out

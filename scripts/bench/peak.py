@@ -43,7 +43,6 @@ def matmul_peak(sizes=(2048, 4096), reps: int = 5) -> dict:
         b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
         best, ts = _best_time(lambda: f(a, b).block_until_ready(), reps if n <= 2048 else max(2, reps - 2))
         per[n] = {"flops_per_s": 2 * n ** 3 / best, "best_s": best, "times_s": ts}
-        del a, b
     return {"per_size": per, "peak_flops_per_s": max(v["flops_per_s"] for v in per.values())}
 
 
@@ -60,7 +59,6 @@ def read_bandwidth(nbytes: int = 1 << 30, reps: int = 7) -> dict:
     for name, f in variants.items():
         best, ts = _best_time(lambda: f(x).block_until_ready(), reps)
         per[name] = {"bytes_per_s": x.nbytes / best, "best_s": best, "times_s": ts}
-    del x
     return {"nbytes": nbytes, "per_variant": per, "read_bytes_per_s": max(v["bytes_per_s"] for v in per.values())}
 
 
@@ -131,7 +129,7 @@ def table(res: dict) -> str:
         t = res["torch"]
         for n, v in t["matmul"].items():
             rows.append([f"(context) torch.matmul fp32 {n}x{n}, {t['threads']} threads", common.fmt(v / 1e9), "GFLOP/s"])
-        rows.append([f"(context) torch.sum 1 GiB fp32", common.fmt(t["sum_bytes_per_s"] / 1e9), "GB/s"])
+        rows.append(["(context) torch.sum 1 GiB fp32", common.fmt(t["sum_bytes_per_s"] / 1e9), "GB/s"])
     rows.append(["foreign load before / after (cores)",
                  f"{res['foreign_load_before_cores']:.2f} / {res['foreign_load_after_cores']:.2f}", ""])
     return common.markdown_table(["probe", "value", "unit"], rows)

@@ -187,7 +187,8 @@ def make_checkpoint(path):
     return cfg
 
 
-def run(variants, rounds=3, warmup=2, hf=True, hf_threads=0, budget_s=270.0, max_jax_workers=2, log=print):
+def run(variants, rounds=3, warmup=2, hf=True, hf_threads=0, budget_s=270.0, max_jax_workers=2,
+        quiet_wait_s=0.0, log=print):
     """Interleaved timing.  At most `max_jax_workers` llama_jax processes live at once (each holds
     ~4 GB); variants beyond that run in later groups, each group interleaved with the same HF
     worker and peak probe, so every ratio is paired within its group."""
@@ -224,9 +225,9 @@ def run(variants, rounds=3, warmup=2, hf=True, hf_threads=0, budget_s=270.0, max
                         log(f"[bench] {w.name} ready: {json.dumps(ready[w.name])}")
                 left = budget_s - (time.time() - t_start)
                 deadline = time.time() + left / (len(groups) - gi)
-                r = common.interleave(fixed + jw, rounds, per_round=1, log=log, deadline=deadline)
-                used, contended = common.pick_rounds(r)
-                groups_out.append({"variants": group, "rounds": r, "used": used, "contended": contended})
+                r = common.interleave(fixed + jw, rounds, per_round=1, log=log, deadline=deadline,
+                                      quiet_wait_s=quiet_wait_s)
+                groups_out.append({"variants": group, "rounds": r})
             finally:
                 for w in jw:
                     w.close()
@@ -240,32 +241,34 @@ def run(variants, rounds=3, warmup=2, hf=True, hf_threads=0, budget_s=270.0, max
     peak_best = max(fpc / x["best_s"] for g in groups_out for x in g["rounds"]["peak"])
     rows = {}
 
-    def summary(name, times, fc, losses, extra):
+    def summary(name, samples, losses, extra):
+        used, contended = common.quiet_samples(samples)
+        times = [common.med(samples[i]["times"]) for i in used]
         step_s = common.med(times)
-        return {"step_s_median": step_s, "step_s_used": times, "tokens_per_s": BATCH * SEQ / step_s,
-                "mfu": flops / step_s / peak_best, "losses": losses, "foreign_cores_median": common.med(fc),
+        return {"step_s_median": step_s, "step_s_used": times, "samples_used": used, "samples_done": len(samples),
+                "contended": contended, "tokens_per_s": BATCH * SEQ / step_s, "mfu": flops / step_s / peak_best,
+                "losses": losses, "foreign_cores_median": common.med([samples[i]["foreign_cores"] for i in used]),
                 "ready": ready[name], **extra}
 
     if hf:
-        hf_losses = ready["hf"]["warmup_losses"] + [x["loss"] for g in groups_out for x in g["rounds"]["hf"]]
-        hf_used = [x for g in groups_out for i, x in enumerate(g["rounds"]["hf"]) if i in g["used"]]
-        rows["hf"] = summary("hf", [common.med(x["times"]) for x in hf_used], [x["foreign_cores"] for x in hf_used],
-                             hf_losses, {"description": "transformers LlamaForCausalLM (sdpa) + torch.optim.AdamW, "
-                                                        f"torch threads {ready['hf']['threads']}", "xla_flags": ""})
+        hf_samples = [x for g in groups_out for x in g["rounds"]["hf"]]
+        hf_losses = ready["hf"]["warmup_losses"] + [x["loss"] for x in hf_samples]
+        rows["hf"] = summary("hf", hf_samples, hf_losses,
+                             {"description": "transformers LlamaForCausalLM (sdpa) + torch.optim.AdamW, "
+                                             f"torch threads {ready['hf']['threads']}", "xla_flags": ""})
     for g in groups_out:
-        R, used = g["rounds"], g["used"]
-        probe = [fpc / R["peak"][i]["best_s"] for i in used]
+        R = g["rounds"]
         for name in g["variants"]:
-            times = [common.med(R[name][i]["times"]) for i in used]
             losses = ready[name]["warmup_losses"] + [x["loss"] for x in R[name]]
-            extra = {"description": VARIANTS[name][2], "xla_flags": VARIANTS[name][1],
-                     "contended": g["contended"], "rounds_used": used, "rounds_done": len(R[name]),
-                     "mfu_vs_same_round_probe": common.med([flops / t / p for t, p in zip(times, probe)])}
+            extra = {"description": VARIANTS[name][2], "xla_flags": VARIANTS[name][1]}
             if hf:
-                extra["speedup_vs_hf"] = common.paired_ratio([common.med(R["hf"][i]["times"]) for i in used], times)
+                pr, pc = common.paired_quiet(R["hf"], R[name])
+                extra["speedup_vs_hf"] = common.paired_ratio([common.med(R["hf"][i]["times"]) for i in pr],
+                                                             [common.med(R[name][i]["times"]) for i in pr])
+                extra["speedup_rounds"], extra["speedup_contended"] = pr, pc
                 n = min(len(losses), len(hf_losses))
                 extra["max_abs_loss_diff_vs_hf"] = max(abs(a - b) for a, b in zip(losses[:n], hf_losses[:n]))
-            rows[name] = summary(name, times, [R[name][i]["foreign_cores"] for i in used], losses, extra)
+            rows[name] = summary(name, R[name], losses, extra)
     return {
         "config": {"preset": PRESET, "batch": BATCH, "seq": SEQ, "dtype": "float32",
                    "params_total": cfg.num_params(), "params_nonembedding_incl_lm_head": cfg.num_params(False)},
@@ -274,30 +277,30 @@ def run(variants, rounds=3, warmup=2, hf=True, hf_threads=0, budget_s=270.0, max
         "peak_flops_per_s": peak_best,
         "foreign_load_before_cores": foreign_before, "quiet_threshold_cores": common.QUIET_CORES,
         "results": rows,
-        "groups": [{"variants": g["variants"], "rounds_used": g["used"], "contended": g["contended"],
-                    "raw": g["rounds"]} for g in groups_out],
+        "groups": [{"variants": g["variants"], "raw": g["rounds"]} for g in groups_out],
         "machine": common.machine_info(), "wall_s": time.time() - t_start,
     }
 
 
 def table(out) -> str:
-    hdr = ["contender", "step s (median)", "tokens/s", "speed vs HF (paired)", "MFU", "steps",
-           "loss step 1 → last", "max abs Δloss vs HF", "foreign load (cores)"]
+    hdr = ["contender", "step s (median)", "tokens/s", "speed vs HF (paired)", "MFU", "samples used",
+           "foreign load (cores)", "loss step 1 → last", "max abs Δloss vs HF"]
     rows = []
     for name, r in out["results"].items():
         losses = r["losses"]
+        sp = "1"
+        if "speedup_vs_hf" in r:
+            sp = common.fmt(r["speedup_vs_hf"], 2) + "x" + (" (contended)" if r["speedup_contended"] else "")
         rows.append([f"{name}: {r['description']}", common.fmt(r["step_s_median"], 2), common.fmt(r["tokens_per_s"], 0),
-                     (common.fmt(r["speedup_vs_hf"], 2) + "x") if "speedup_vs_hf" in r else "1",
-                     f"{100 * r['mfu']:.0f}%", len(losses), f"{losses[0]:.4f} → {losses[-1]:.4f}",
-                     f"{r['max_abs_loss_diff_vs_hf']:.1e}" if "max_abs_loss_diff_vs_hf" in r else "-",
-                     common.fmt(r["foreign_cores_median"], 2)])
+                     sp, f"{100 * r['mfu']:.0f}%",
+                     f"{len(r['samples_used'])}/{r['samples_done']}" + (" (contended)" if r["contended"] else ""),
+                     common.fmt(r["foreign_cores_median"], 2), f"{losses[0]:.4f} → {losses[-1]:.4f}",
+                     f"{r['max_abs_loss_diff_vs_hf']:.1e}" if "max_abs_loss_diff_vs_hf" in r else "-"])
     s = common.markdown_table(hdr, rows)
     s += (f"\n\nModel FLOPs/step {out['model_flops_per_step'] / 1e9:.1f} GFLOP ({out['flops_formula']}); "
           f"fp32 jnp.dot peak (2048^3 probe, best in run) {out['peak_flops_per_s'] / 1e9:.1f} GFLOP/s; "
-          f"wall {out['wall_s']:.0f}s.  Groups (rounds used = all contenders saw < "
-          f"{out['quiet_threshold_cores']} cores of foreign load): " +
-          "; ".join(f"{g['variants']} rounds used {g['rounds_used']}{' (CONTENDED: no 2 quiet rounds)' if g['contended'] else ''}"
-                    for g in out["groups"]))
+          f"wall {out['wall_s']:.0f}s.  Samples used = those with < {out['quiet_threshold_cores']} cores of foreign "
+          "load (all samples, marked contended, when fewer than 2 were quiet).")
     return s
 
 
@@ -310,14 +313,13 @@ def main(argv=None):
     ap.add_argument("--hf-threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
     ap.add_argument("--budget-s", type=float, default=270.0, help="stop adding rounds after this (min 2 rounds)")
     ap.add_argument("--max-jax-workers", type=int, default=2, help="llama_jax processes alive at once")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to N s for other processes to go idle")
+    ap.add_argument("--quiet-wait", type=float, default=60.0,
+                    help="before each timed sample wait up to N s for other processes to go idle")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    if args.wait_quiet:
-        common.wait_for_quiet(args.wait_quiet)
     variants = [v for v in args.variants.split(",") if v]
     out = run(variants, args.rounds, args.warmup, not args.no_hf, args.hf_threads, args.budget_s,
-              args.max_jax_workers)
+              args.max_jax_workers, args.quiet_wait)
     print(table(out))
     common.write_json(args.json, out)
     return out
