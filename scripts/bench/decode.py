@@ -48,7 +48,8 @@ import common  # noqa: E402
 PRESET = "bench-cpu"
 PROMPT_LEN, NEW_TOKENS, BATCHES = 16, 128, (1, 8)
 
-# name -> (kind, dtype, description)
+NO_YNN = "--xla_cpu_experimental_ynn_fusion_type="  # XLA flag: no YNNPACK fusions, dots go to Eigen
+# name -> (kind, dtype, description[, XLA_FLAGS])
 CONTENDERS = {
     "hf": ("hf", "float32", "transformers generate(do_sample=False), fp32, sdpa"),
     "jax-fp32": ("jax", "float32", "llama_jax.generate, fp32 (scan_layers=True)"),
@@ -57,8 +58,16 @@ CONTENDERS = {
     "diag-hoisted-fp32": ("diag", "float32", "DIAGNOSTIC fp32: per-layer weight slices hoisted out of the loop"),
     "diag-kvsplit-fp32": ("diag", "float32", "DIAGNOSTIC fp32: hoisted weights + one KV buffer per layer"),
     "diag-kvsplit-bf16": ("diag", "bfloat16", "DIAGNOSTIC bf16: hoisted weights + one KV buffer per layer"),
+    "diag-kvlayout-fp32": ("diag", "float32", "DIAGNOSTIC fp32: hoisted weights + per-layer KV buffers stored "
+                                              "[B, K, S, D], attention reads them in place"),
+    "diag-kvlayout-bf16": ("diag", "bfloat16", "DIAGNOSTIC bf16: as diag-kvlayout-fp32"),
+    "diag-kvlayout-fp32-eigen": ("diag", "float32", "DIAGNOSTIC fp32: as diag-kvlayout-fp32, YNNPACK fusions off "
+                                                    "(Eigen dots)", NO_YNN),
+    "jax-fp32-eigen": ("jax", "float32", "llama_jax.generate, fp32, YNNPACK fusions off (Eigen dots)", NO_YNN),
+    "probe-mm": ("mm", "float32", "PROBE: only the step's weight matmuls (56 + lm_head), 127 steps in a fori_loop"),
+    "probe-mm-eigen": ("mm", "float32", "PROBE: as probe-mm, YNNPACK fusions off (Eigen dots)", NO_YNN),
 }
-DEFAULT_CONTENDERS = "hf,jax-fp32,jax-bf16,diag-hoisted-fp32,diag-kvsplit-fp32,diag-kvsplit-bf16"
+DEFAULT_CONTENDERS = "hf,jax-fp32,jax-bf16,diag-kvlayout-fp32,diag-kvlayout-fp32-eigen,probe-mm,probe-mm-eigen"
 
 
 def prompts():
@@ -81,15 +90,38 @@ def bytes_per_step(cfg, batch: int, itemsize: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- llama_jax workers
-def _diag_decode_fn(kv_split: bool):
+def _diag_decode_fn(kv_split: bool, kv_layout: bool = False):
     """Greedy decode with the per-layer weights sliced ONCE before the while_loop (diagnostic).
     kv_split: also keep the KV cache as one buffer per layer (no per-step slice of the stacked
-    [L, B, S, K, D] cache).  The layers themselves are llama_jax's Block modules, unchanged."""
+    [L, B, S, K, D] cache).  The layers themselves are llama_jax's Block modules, unchanged.
+    kv_layout (implies kv_split): per-layer caches stored [B, K, S, D] and the block's attention
+    written out (same projections / RoPE / norms / MLP modules, fp32 softmax) so that the score
+    and value matmuls read the cache in place instead of transposing it every step."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from llama_jax.model import AttnInputs, Cache, make_mask, rope_cos_sin
+    from llama_jax.model import AttnInputs, Cache, apply_rope, make_mask, rope_cos_sin
+
+    def block_bksd(blk, x, cos, sin, mask, kc, vc, index):
+        a = blk.self_attn
+        B = x.shape[0]
+        N, K, D = a.num_heads, a.num_kv_heads, a.head_dim
+        h = blk.input_layernorm(x)
+        q = a.q_proj(h).reshape(B, 1, N, D)
+        k = a.k_proj(h).reshape(B, 1, K, D)
+        v = a.v_proj(h).reshape(B, 1, K, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kc = jax.lax.dynamic_update_slice(kc, k.transpose(0, 2, 1, 3).astype(kc.dtype), (0, 0, index, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v.transpose(0, 2, 1, 3).astype(vc.dtype), (0, 0, index, 0))
+        qg = q.reshape(B, K, N // K, D)
+        sc = jnp.einsum("bkgd,bksd->bkgs", qg, kc.astype(q.dtype), preferred_element_type=jnp.float32)
+        sc = jnp.where(mask[:, :, 0, None, :], sc * (D ** -0.5), jnp.finfo(jnp.float32).min)  # mask [B,1,1,S]
+        pr = jax.nn.softmax(sc, axis=-1).astype(q.dtype)
+        o = jnp.einsum("bkgs,bksd->bkgd", pr, vc.astype(q.dtype)).reshape(B, 1, N * D)
+        x = x + a.o_proj(o)
+        x = x + blk.mlp(blk.post_attention_layernorm(x))
+        return x, kc, vc
 
     @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
     def decode_hoisted(graphdef, state, cache, logits, positions, n_new):
@@ -109,7 +141,12 @@ def _diag_decode_fn(kv_split: bool):
             attn = AttnInputs(make_mask(seg, pos, seg_all, pos_all), index)
             x = model.embed_tokens(tok[:, None])
             cos, sin = rope_cos_sin(cfg, pos, x.dtype, pos_all)
-            if kv_split:  # kv = ([L] k buffers [1, B, S, K, D], [L] v buffers): layer i sees index 0
+            if kv_layout:  # kv = ([L] k buffers [B, K, S, D], [L] v buffers)
+                ks, vs = list(kv[0]), list(kv[1])
+                for i, p in enumerate(per_layer):
+                    x, ks[i], vs[i] = block_bksd(nnx.merge(layer_gd, p), x, cos, sin, attn.mask, ks[i], vs[i], index)
+                kv = (tuple(ks), tuple(vs))
+            elif kv_split:  # kv = ([L] k buffers [1, B, S, K, D], [L] v buffers): layer i sees index 0
                 ks, vs = list(kv[0]), list(kv[1])
                 for i, p in enumerate(per_layer):
                     x, (ks[i], vs[i], _) = nnx.merge(layer_gd, p)(x, cos, sin, attn, (ks[i], vs[i], 0), None)
@@ -130,13 +167,18 @@ def _diag_decode_fn(kv_split: bool):
             return out, kv, seg_ids, pos_ids, logits, pos + 1
 
         kv = (cache.k, cache.v)
-        if kv_split:
+        if kv_layout:
+            kv = (tuple(cache.k[i].transpose(0, 2, 1, 3) for i in range(L)),
+                  tuple(cache.v[i].transpose(0, 2, 1, 3) for i in range(L)))
+        elif kv_split:
             kv = (tuple(cache.k[i:i + 1] for i in range(L)), tuple(cache.v[i:i + 1] for i in range(L)))
         out = jnp.zeros((B, n_new), jnp.int32)
         c = (out, kv, cache.segment_ids, cache.positions, logits, positions)
         out, kv, seg_ids, pos_ids, logits, _ = jax.lax.fori_loop(0, n_new - 1, body, c)
         out = out.at[:, n_new - 1].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        if kv_split:
+        if kv_layout:
+            kv = (jnp.stack([k.transpose(0, 2, 1, 3) for k in kv[0]]), jnp.stack([v.transpose(0, 2, 1, 3) for v in kv[1]]))
+        elif kv_split:
             kv = (jnp.concatenate(kv[0]), jnp.concatenate(kv[1]))
         return out, Cache(kv[0], kv[1], seg_ids, pos_ids, cache.index + n_new - 1)
 
@@ -157,7 +199,7 @@ def _jax_setup(spec):
     cfg = model.config
     P = prompts()
     diag = spec["kind"] == "diag"
-    decode_hoisted = _diag_decode_fn(spec.get("kv_split", False)) if diag else None
+    decode_hoisted = _diag_decode_fn(spec.get("kv_split", False), spec.get("kv_layout", False)) if diag else None
     graphdef, state = nnx.split(model)
 
     def split_run(b):
@@ -243,6 +285,47 @@ def _hf_setup(spec):
                   "attn_implementation": model.config._attn_implementation, "itemsize": 4}
 
 
+def _mm_setup(spec):
+    """The weight matmuls of one decode step (same shapes as the model, separate weight arrays, a
+    dependency chain through them), NEW_TOKENS - 1 steps in a fori_loop: what XLA's matmul kernels
+    alone achieve against the bandwidth bound.  Reported as decode-loop time (prefill 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    import llama_jax
+
+    cfg = llama_jax.preset(PRESET)
+    d, f, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    shapes = [s for _ in range(L) for s in [(d, d)] * 4 + [(d, f), (d, f), (f, d)]]
+    key = jax.random.key(0)
+    ws = [jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32) * 0.02 for i, s in enumerate(shapes)]
+    lm = jax.random.normal(key, (d, V), jnp.float32) * 0.02
+
+    @jax.jit
+    def chain(x, ws, lm):
+        def body(_, x):
+            h = x
+            for j in range(0, len(ws), 7):
+                h = h + (h @ ws[j] + h @ ws[j + 1] + h @ ws[j + 2]) @ ws[j + 3]
+                h = h + (jax.nn.silu(h @ ws[j + 4]) * (h @ ws[j + 5])) @ ws[j + 6]
+            return x + (h @ lm)[:, :d] * 1e-3
+        return jax.lax.fori_loop(0, NEW_TOKENS - 1, body, x)
+
+    xs = {b: jnp.ones((b, d), jnp.float32) for b in BATCHES}
+    for b in BATCHES:
+        jax.block_until_ready(chain(xs[b], ws, lm))
+
+    def step():
+        res = {}
+        for b in BATCHES:
+            t0 = time.perf_counter()
+            jax.block_until_ready(chain(xs[b], ws, lm))
+            res[f"gen_s_b{b}"] = res[f"decode_s_b{b}"] = time.perf_counter() - t0
+            res[f"prefill_s_b{b}"] = 0.0
+        return res
+    return step, {"itemsize": 4, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
 def _bw_setup(spec):
     import jax
     import jax.numpy as jnp
@@ -270,7 +353,8 @@ def _ckpt_setup(spec):
 
 
 def _worker_setup(spec):
-    return {"hf": _hf_setup, "jax": _jax_setup, "diag": _jax_setup, "bw": _bw_setup, "ckpt": _ckpt_setup}[spec["kind"]](spec)
+    return {"hf": _hf_setup, "jax": _jax_setup, "diag": _jax_setup, "bw": _bw_setup, "ckpt": _ckpt_setup,
+            "mm": _mm_setup}[spec["kind"]](spec)
 
 
 # ----------------------------------------------------------------------------- coordinator
@@ -303,10 +387,11 @@ def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, quiet_wait_
         w.close()
         workers.append(common.Worker("bw", __file__, {"kind": "bw", "nbytes": nbytes}, log=log))
         for name in names:
-            kind, dtype, _ = CONTENDERS[name]
+            kind, dtype, _, *flags = CONTENDERS[name]
             spec = {"kind": kind, "ckpt": ckpt, "dtype": dtype, "split": split,
-                    "scan_layers": not name.endswith("noscan"), "kv_split": "kvsplit" in name}
-            workers.append(common.Worker(name, __file__, spec, log=log))
+                    "scan_layers": not name.endswith("noscan"), "kv_split": "kvsplit" in name,
+                    "kv_layout": "kvlayout" in name}
+            workers.append(common.Worker(name, __file__, spec, env={"XLA_FLAGS": flags[0] if flags else ""}, log=log))
         for w in workers:
             ready[w.name] = w.wait_ready()
             log(f"[bench] {w.name} ready")
@@ -322,19 +407,20 @@ def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, quiet_wait_
            "foreign_load_before_cores": foreign_before, "quiet_threshold_cores": common.QUIET_CORES,
            "results": {}, "machine": common.machine_info(), "raw": res}
     for name in names:
-        kind, dtype, desc = CONTENDERS[name]
+        kind, dtype, desc, *_ = CONTENDERS[name]
         item = ready[name]["itemsize"]
         used, contended = common.quiet_samples(res[name])
         r = {"description": desc, "dtype": dtype, "per_batch": {}, "samples_used": used, "contended": contended,
              "foreign_cores_median": common.med([res[name][i]["foreign_cores"] for i in used])}
-        if "hf" in res and name != "hf":
+        if "hf" in res and name != "hf" and kind != "mm":
             pr, pc = common.paired_quiet(res["hf"], res[name])
             r["speedup_rounds"], r["speedup_contended"] = pr, pc
         for b in BATCHES:
             gen = [res[name][i][f"gen_s_b{b}"] for i in used]
             bpb = bytes_per_step(cfg, b, item)
             bound = b * bw / bpb["total"]
-            pb = {"gen_s_median": common.med(gen), "tokens_per_s": NEW_TOKENS * b / common.med(gen),
+            steps = NEW_TOKENS - 1 if kind == "mm" else NEW_TOKENS  # the probe runs forward passes only
+            pb = {"gen_s_median": common.med(gen), "tokens_per_s": steps * b / common.med(gen),
                   "bytes_per_step": bpb, "bound_tokens_per_s": bound}
             pb["fraction_of_bound"] = pb["tokens_per_s"] / bound
             if "speedup_rounds" in r:
@@ -348,7 +434,7 @@ def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, quiet_wait_
                            "decode_ms_per_step": 1e3 * dec / (NEW_TOKENS - 1),
                            "decode_loop_tokens_per_s": b * (NEW_TOKENS - 1) / dec,
                            "decode_loop_fraction_of_bound": b * (NEW_TOKENS - 1) / dec / bound})
-            if "hf" in ready and name != "hf":
+            if "hf" in ready and "tokens" in ready[name] and name != "hf":
                 pb["token_agreement_vs_hf"], pb["mean_identical_prefix_vs_hf"] = _agreement(
                     ready[name]["tokens"][str(b)], ready["hf"]["tokens"][str(b)])
             r["per_batch"][str(b)] = pb
