@@ -1,0 +1,164 @@
+"""The demo's built-in task: writing numbers and dates in Chinese characters.
+
+Seeded and checkable, so every stage of the pipeline has a true metric:
+  把4096写成汉字。            -> 四千零九十六
+  把2023年5月12日写成汉字。   -> 二〇二三年五月十二日
+
+Readings follow the standard (GB/T 15835) rules: 零 marks one or more skipped places inside a
+number (1005 -> 一千零五, 10010 -> 一万零一十), a leading 1 of the tens place is dropped only at the
+start (15 -> 十五, 115 -> 一百一十五), 二 is used throughout (not 两), and years are read digit by
+digit with 〇.  The number range is split into disjoint train and test sets by a hash of the
+number, so exact-match on the test prompts measures generalisation, not memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+DIGITS = "零一二三四五六七八九"
+YEAR_DIGITS = "〇一二三四五六七八九"
+UNITS = ["", "十", "百", "千"]
+
+
+def _below_10000(n: int) -> str:
+    """Reading of 1 <= n < 10000, leading 一十 kept (the caller drops it at the very start)."""
+    out, zero = [], False
+    for place in (3, 2, 1, 0):
+        d = n // 10 ** place % 10
+        if d == 0:
+            zero = bool(out)  # a gap after something was written
+            continue
+        if zero:
+            out.append("零")
+            zero = False
+        out.append(DIGITS[d] + UNITS[place])
+    return "".join(out)
+
+
+def number_to_zh(n: int) -> str:
+    """Chinese reading of 0 <= n < 10**8."""
+    if not 0 <= n < 10 ** 8:
+        raise ValueError(f"number_to_zh: {n} outside [0, 10**8)")
+    if n == 0:
+        return "零"
+    high, low = divmod(n, 10000)
+    if high:
+        s = _below_10000(high) + "万"
+        if low:
+            s += ("零" if low < 1000 else "") + _below_10000(low)
+    else:
+        s = _below_10000(low)
+    return s[1:] if s.startswith("一十") else s
+
+
+def date_to_zh(y: int, m: int, d: int) -> str:
+    return "".join(YEAR_DIGITS[int(c)] for c in str(y)) + f"年{number_to_zh(m)}月{number_to_zh(d)}日"
+
+
+_DAYS = [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+
+
+@dataclass(frozen=True)
+class Example:
+    kind: str      # "number" | "date"
+    question: str  # the user message
+    answer: str    # the one correct response
+    digits: str    # the value as written with Arabic digits (for corpus sentences)
+
+
+def _is_test(key: str, test_fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return h / 2 ** 64 < test_fraction
+
+
+class SyntheticTask:
+    """Numbers in [0, max_number] and dates in [min_year, max_year], split train/test by hash."""
+
+    def __init__(self, max_number: int = 9999, min_year: int = 1900, max_year: int = 2099,
+                 date_fraction: float = 0.3, test_fraction: float = 0.1):
+        self.max_number, self.min_year, self.max_year = max_number, min_year, max_year
+        self.date_fraction, self.test_fraction = date_fraction, test_fraction
+
+    def _number(self, rng: random.Random) -> Example:
+        # log-uniform over the number of digits, so short numbers are not swamped by long ones
+        width = rng.randint(1, len(str(self.max_number)))
+        n = rng.randint(0 if width == 1 else 10 ** (width - 1), min(10 ** width - 1, self.max_number))
+        return Example("number", f"把{n}写成汉字。", number_to_zh(n), str(n))
+
+    def _date(self, rng: random.Random) -> Example:
+        y, m = rng.randint(self.min_year, self.max_year), rng.randint(1, 12)
+        d = rng.randint(1, _DAYS[m - 1])
+        digits = f"{y}年{m}月{d}日"
+        return Example("date", f"把{digits}写成汉字。", date_to_zh(y, m, d), digits)
+
+    def sample(self, rng: random.Random, split: str) -> Example:
+        """One example of `split` ("train" | "test"), rejection-sampled on the hash split."""
+        want_test = split == "test"
+        while True:
+            ex = self._date(rng) if rng.random() < self.date_fraction else self._number(rng)
+            if _is_test(ex.digits, self.test_fraction) == want_test:
+                return ex
+
+    def examples(self, n: int, split: str, seed: int) -> list[Example]:
+        rng = random.Random(f"{split}:{seed}")
+        return [self.sample(rng, split) for _ in range(n)]
+
+    @staticmethod
+    def corpus_line(exs: list[Example], rng: random.Random) -> str:
+        """A pretraining 'document': several facts in running Chinese text."""
+        forms = ["{d}写作{z}。", "{d}读作{z}。", "{d}用汉字写是{z}。", "{d}的汉字写法是{z}。"]
+        return "".join(rng.choice(forms).format(d=e.digits, z=e.answer) for e in exs)
+
+    def corpus(self, n_lines: int, split: str, seed: int, facts_per_line: int = 6) -> list[str]:
+        rng = random.Random(f"corpus:{split}:{seed}")
+        return [self.corpus_line([self.sample(rng, split) for _ in range(facts_per_line)], rng)
+                for _ in range(n_lines)]
+
+    def corruptions(self, ex: Example, rng: random.Random) -> str:
+        """A wrong answer near the right one (the rejected side of a preference pair)."""
+        while True:
+            kind = rng.randrange(5)
+            a = ex.answer
+            if kind == 0:  # one numeral changed
+                pos = [i for i, c in enumerate(a) if c in DIGITS[1:] or c in YEAR_DIGITS]
+                if not pos:
+                    continue
+                i = rng.choice(pos)
+                table = YEAR_DIGITS if a[i] in YEAR_DIGITS and ex.kind == "date" and i < 4 else DIGITS[1:]
+                bad = a[:i] + rng.choice([c for c in table if c != a[i]]) + a[i + 1:]
+            elif kind == 1:  # a neighbouring value's reading
+                if ex.kind == "number":
+                    n = int(ex.digits)
+                    bad = number_to_zh(max(0, n + rng.choice([-10, -1, 1, 10, 100])))
+                else:
+                    bad = a.replace("年", "年" + rng.choice(DIGITS[1:]), 1) if rng.random() < 0.5 else a[:-1] + "号"
+            elif kind == 2:  # 零 dropped or doubled
+                bad = a.replace("零", "", 1) if "零" in a else a[:1] + "零" + a[1:]
+            elif kind == 3:  # cut short
+                if len(a) < 2:
+                    continue
+                bad = a[:rng.randint(1, len(a) - 1)]
+            else:  # the digits copied instead of written out
+                bad = ex.digits
+            if bad != a:
+                return bad
+
+    def check(self, ex: Example, response: str) -> bool:
+        return response.strip() == ex.answer
+
+
+_EN_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+            "sixteen seventeen eighteen nineteen").split()
+_EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_to_en(n: int) -> str:
+    """English reading of 0 <= n < 10**6 (text for the demo's on-the-fly base tokenizer)."""
+    if n < 20:
+        return _EN_ONES[n]
+    if n < 100:
+        return _EN_TENS[n // 10] + ("-" + _EN_ONES[n % 10] if n % 10 else "")
+    if n < 1000:
+        return _EN_ONES[n // 100] + " hundred" + (" " + number_to_en(n % 100) if n % 100 else "")
+    return number_to_en(n // 1000) + " thousand" + (" " + number_to_en(n % 1000) if n % 1000 else "")

@@ -1,0 +1,71 @@
+"""The demo's built-in task: readings with exact expected values, seeded splits, corruptions."""
+import random
+
+import pytest
+
+from llama_jax.synthetic import SyntheticTask, date_to_zh, number_to_en, number_to_zh
+
+
+@pytest.mark.parametrize("n, zh", [
+    (0, "零"), (7, "七"), (10, "十"), (15, "十五"), (20, "二十"), (99, "九十九"), (100, "一百"), (101, "一百零一"),
+    (110, "一百一十"), (115, "一百一十五"), (1000, "一千"), (1005, "一千零五"), (1010, "一千零一十"),
+    (1100, "一千一百"), (2019, "二千零一十九"), (9999, "九千九百九十九"), (10000, "一万"), (10010, "一万零一十"),
+    (15000, "一万五千"), (100000, "十万"), (105000, "十万五千"), (1000001, "一百万零一"),
+    (12345678, "一千二百三十四万五千六百七十八"), (20300, "二万零三百"),
+])
+def test_number_to_zh(n, zh):
+    assert number_to_zh(n) == zh
+
+
+def test_number_to_zh_range():
+    with pytest.raises(ValueError, match="outside"):
+        number_to_zh(10 ** 8)
+
+
+def test_date_and_english():
+    assert date_to_zh(2023, 5, 12) == "二〇二三年五月十二日"
+    assert date_to_zh(2000, 10, 1) == "二〇〇〇年十月一日"
+    assert date_to_zh(1999, 12, 31) == "一九九九年十二月三十一日"
+    assert number_to_en(4096) == "four thousand ninety-six"
+    assert number_to_en(115) == "one hundred fifteen"
+
+
+def test_splits_are_disjoint_and_seeded():
+    t = SyntheticTask()
+    train = t.examples(3000, "train", 0)
+    test = t.examples(500, "test", 0)
+    assert {e.digits for e in train}.isdisjoint({e.digits for e in test})
+    assert t.examples(50, "test", 0) == test[:50]  # same seed, same stream
+    assert t.examples(50, "test", 1) != test[:50]
+    frac_dates = sum(e.kind == "date" for e in train) / len(train)
+    assert 0.25 < frac_dates < 0.35
+    for e in train[:200]:
+        assert t.check(e, f" {e.answer} ")
+        if e.kind == "number":
+            assert e.question == f"把{e.digits}写成汉字。" and e.answer == number_to_zh(int(e.digits))
+
+
+def test_corruptions_are_wrong():
+    t = SyntheticTask()
+    rng = random.Random(0)
+    for e in t.examples(500, "train", 3):
+        bad = t.corruptions(e, rng)
+        assert bad != e.answer and not t.check(e, bad)
+
+
+def test_corpus_lines_hold_true_facts():
+    t = SyntheticTask()
+    line = t.corpus(1, "train", 0, facts_per_line=3)[0]
+    facts = [f for f in line.split("。") if f]
+    assert len(facts) == 3
+    for f in facts:
+        for sep in ("的汉字写法是", "用汉字写是", "写作", "读作"):
+            if sep in f:
+                digits, zh = f.split(sep)
+                break
+        if "年" in digits:
+            y, rest = digits.split("年")
+            m, d = rest.rstrip("日").split("月")
+            assert zh == date_to_zh(int(y), int(m), int(d))
+        else:
+            assert zh == number_to_zh(int(digits))
