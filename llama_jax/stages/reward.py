@@ -488,7 +488,7 @@ def build_task(cfg, tok, model, pad: int):
           f"({tc['steps'] * G / len(pairs):.2f} epochs); pad id {pad}")
     task = Task(name="rm", loss_fn=lambda m, b, rng: rm_loss(m, b, coef), train=batches, eval_batches=ev,
                 flops_per_token=fpt, tokens_per_row=int(round(per_pair)),
-                extra_meta={"pairs": len(pairs), "eval_pairs": len(ev_pairs)})
+                extra_meta={"pairs": len(pairs), "eval_pairs": len(ev_pairs)}, perplexity=False)
     return task, pairs
 
 
