@@ -134,17 +134,22 @@ def _select(model, targets, modules) -> tuple[list, set]:
     return linears, full
 
 
-def _init_factors(seed, specs, rank, with_dropout):
+def _init_factors(seed, specs, rank, with_dropout, abstract=False):
     """(a, b, dropout keys | None) per (path, kernel shape).  A is drawn on the host with numpy:
-    the factors are small, every host gets the same values, and nothing has to be compiled."""
+    the factors are small, every host gets the same values, and nothing has to be compiled.
+    abstract: a and b are ShapeDtypeStructs (an abstract model, e.g. for the memory planner)."""
     out = []
     for path, shape in specs:
         lead, (din, dout) = shape[:-2], shape[-2:]
         # Seeded by the module path: adding or removing other targets leaves this one's init alone.
         tag = zlib.crc32(path.encode())
         bound = 1.0 / math.sqrt(din)  # PEFT: kaiming_uniform_(a=sqrt(5)) on A [r, in] = U(+-1/sqrt(in))
-        a = np.random.default_rng([seed, tag]).uniform(-bound, bound, lead + (din, rank)).astype(np.float32)
-        b = np.zeros(lead + (rank, dout), np.float32)
+        if abstract:
+            a = jax.ShapeDtypeStruct(lead + (din, rank), np.float32)
+            b = jax.ShapeDtypeStruct(lead + (rank, dout), np.float32)
+        else:
+            a = np.random.default_rng([seed, tag]).uniform(-bound, bound, lead + (din, rank)).astype(np.float32)
+            b = np.zeros(lead + (rank, dout), np.float32)
         keys = None
         if with_dropout:  # one key per stacked layer, so layers do not share masks
             k = jax.random.fold_in(jax.random.key(seed), tag)
@@ -174,11 +179,20 @@ def apply(model, *, rank: int, alpha: float, targets=ALL_TARGETS, dropout: float
     mesh = getattr(model, "mesh", None)
     scale = alpha / rank
     specs = tuple((".".join(p), lin.kernel.get_value().shape) for p, lin in linears)
-    factors = _init_factors(seed, specs, rank, dropout > 0)
+    # an abstract model (nnx.eval_shape: ShapeDtypeStruct kernels) gets abstract factors, sharded
+    # as the concrete ones would be; its dropout keys stay small host arrays
+    abstract = any(isinstance(lin.kernel.get_value(), jax.ShapeDtypeStruct) for _, lin in linears)
+    factors = _init_factors(seed, specs, rank, dropout > 0, abstract)
     for (path, lin), (a, b, keys) in zip(linears, factors):
         axes = tuple(lin.kernel.axes)
         a_axes, b_axes = axes[:-1] + ("lora_rank",), axes[:-2] + ("lora_rank", axes[-1])
-        if mesh is not None:
+        if abstract:
+            from .sharding import named_sharding
+
+            if mesh is not None:
+                a = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=named_sharding(mesh, a_axes, a.shape))
+                b = jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=named_sharding(mesh, b_axes, b.shape))
+        elif mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec as P
 
             from .sharding import named_sharding

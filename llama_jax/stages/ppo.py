@@ -43,7 +43,7 @@ from ..rl import ppo_math
 from ..rl.rollout import (get_reward_fn, make_experience_fn, reference_store, response_logprobs, response_values,
                           sample_responses)
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
-from ..train.loop import MetricsWriter, TrainingError, _to_global
+from ..train.loop import MetricsWriter, TrainingError, _to_global, init_opt_state, on_mesh, opt_state_shardings
 from ..train.optim import count_params, make_optimizer
 from .common import build_mesh, build_model, build_tokenizer, check_vocab
 
@@ -205,6 +205,20 @@ def _share_frozen(score_model):
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def critic_lora(cfg) -> bool:
+    """Whether the critic trains LoRA factors (+ its value head) or in full."""
+    v = cfg["ppo"]["critic_lora"]
+    return bool(cfg["lora"]["enabled"]) if v is None else bool(v)
+
+
+def _reference_store(trainable):
+    """rollout.reference_store, or for an abstract state (the planner's) the same leaves as shapes."""
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(trainable)):
+        return nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(trainable)
+                                    if not isinstance(v, nnx.LoRAParam)])
+    return reference_store(trainable)
+
+
 def _with_init(cfg, init):
     return {**cfg, "model": {**cfg["model"], "init": init}}
 
@@ -222,7 +236,7 @@ class PPOTrainer:
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
-        pc, tc, lc = cfg["ppo"], cfg["train"], cfg["lora"]
+        pc, tc = cfg["ppo"], cfg["train"]
         self._check(cfg)
         self.mesh = build_mesh(cfg)
         mesh = self.mesh
@@ -245,8 +259,8 @@ class PPOTrainer:
             rm = build_model(_with_init(cfg, pc["reward_model"]), mesh, None, head="score")
             self.reward_offset = _reward_offset(cfg)
         critic_src = pc["value_model"] or pc["reward_model"]
-        critic_lora = lc["enabled"] if pc["critic_lora"] is None else bool(pc["critic_lora"])
-        if critic_src and critic_lora and critic_src == pc["reward_model"]:
+        crit_lora = critic_lora(cfg)
+        if critic_src and crit_lora and critic_src == pc["reward_model"]:
             critic = _share_frozen(rm)  # a LoRA critic on the RM: no second copy of the RM's base
         elif critic_src:
             critic = build_model(_with_init(cfg, critic_src), mesh, None, head="score")
@@ -257,6 +271,43 @@ class PPOTrainer:
                 raise ConfigError(f"ppo: the {name} has vocab_size {m.config.vocab_size}, the policy {V}: "
                                   "they must share the tokenizer")
 
+        pol_params, crit_params = self._attach_models(policy, critic, crit_lora, rm)
+
+        # -- data: left-padded to one length, step-indexed like every other stage
+        ids, mask = self._set_shapes(prompts)
+        self.n_prompts = len(prompts)
+        self.batches = StepIndexedBatches({"prompt_ids": ids, "prompt_mask": mask}, self.B, int(tc["seed"]),
+                                          jax.process_index(), jax.process_count())
+        self.reward_fn = get_reward_fn(pc["reward_fn"]) if pc["reward_fn"] else None
+        self._optimizers(pol_params, crit_params)
+        self._init_params = (pol_params, crit_params)
+        self._build_fns()
+
+    @classmethod
+    def abstract(cls, cfg: dict, mesh, policy, critic, rm, prompt_length: int) -> "PPOTrainer":
+        """A trainer over abstract models (nnx.eval_shape; leaves ShapeDtypeStructs carrying their
+        shardings) and no data, for the planner (`llama_jax.plan`): the same LoRA, splits,
+        optimizers and jitted pieces as a real run, with prompts of `prompt_length` tokens.
+        `critic` is the critic model before LoRA, `rm` the reward model (or None)."""
+        self = cls.__new__(cls)
+        self.cfg = cfg
+        cls._check(cfg)
+        self.mesh, self.tok, self.config = mesh, None, policy.config
+        self.reward_offset = 0.0
+        self.reward_fn = get_reward_fn(cfg["ppo"]["reward_fn"]) if cfg["ppo"]["reward_fn"] else None
+        pol_params, crit_params = self._attach_models(policy, critic, critic_lora(cfg), rm)
+        self._set_shapes([[0] * int(prompt_length)])
+        self.n_prompts, self.batches = 0, None
+        self._optimizers(pol_params, crit_params)
+        self._init_params = None
+        self._abstract_params = (pol_params, crit_params)
+        self._build_fns()
+        return self
+
+    def _attach_models(self, policy, critic, critic_lora: bool, rm):
+        """LoRA on the policy (and the critic), the trainable / frozen splits, the reference store."""
+        cfg = self.cfg
+        tc, lc = cfg["train"], cfg["lora"]
         from .lora_setup import maybe_apply_lora
 
         pol_filter = maybe_apply_lora(cfg, policy)
@@ -271,11 +322,14 @@ class PPOTrainer:
         self.critic_graphdef, crit_params, self.critic_frozen = nnx.split(critic, crit_filter, ...)
         self.rm_graphdef, self.rm_state = nnx.split(rm) if rm is not None else (None, None)
         # reference = policy with LoRA off; only non-LoRA trainables (full FT) need a frozen copy
-        self.ref_store = reference_store(pol_params)
+        self.ref_store = _reference_store(pol_params)
         self.n_policy_params, self.n_critic_params = count_params(pol_params), count_params(crit_params)
         self.lora = bool(lc["enabled"])
+        return pol_params, crit_params
 
-        # -- data: left-padded to one length, step-indexed like every other stage
+    def _set_shapes(self, prompts):
+        """Pad id, EOS ids and the static shapes: P (padded prompt length), N (response), B (rollouts)."""
+        pc, tc = self.cfg["ppo"], self.cfg["train"]
         self.pad_id = next(x for x in (self.config.pad_token_id, getattr(self.tok, "pad_token_id", None), 0)
                            if x is not None)
         self.eos_ids = self.config.eos_token_ids
@@ -286,12 +340,11 @@ class PPOTrainer:
         if self.P + self.N > self.config.max_position_embeddings and self.config.rope_type != "dynamic":
             raise ConfigError(f"prompt length {self.P} + ppo.max_new_tokens {self.N} exceeds the model's "
                               f"max_position_embeddings={self.config.max_position_embeddings}")
-        self.n_prompts = len(prompts)
-        self.batches = StepIndexedBatches({"prompt_ids": ids, "prompt_mask": mask}, self.B, int(tc["seed"]),
-                                          jax.process_index(), jax.process_count())
-        self.reward_fn = get_reward_fn(pc["reward_fn"]) if pc["reward_fn"] else None
+        return ids, mask
 
-        # -- optimizers: the schedule runs over every minibatch update
+    def _optimizers(self, pol_params, crit_params):
+        """Policy and critic AdamW; the schedule runs over every minibatch update."""
+        pc, tc = self.cfg["ppo"], self.cfg["train"]
         n_updates = int(tc["steps"]) * int(pc["epochs"]) * int(pc["minibatches"])
         self.tx, self.lr_fn = make_optimizer({**tc, "steps": n_updates}, pol_params)
         clr = tc["lr"] if pc["critic_lr"] is None else pc["critic_lr"]
@@ -299,8 +352,6 @@ class PPOTrainer:
             {**tc, "steps": n_updates, "lr": clr, "lora_lr": clr if pc["critic_lr"] is not None else tc["lora_lr"]},
             crit_params)
         self.updates_per_step = int(pc["epochs"]) * int(pc["minibatches"])
-        self._init_params = (pol_params, crit_params)
-        self._build_fns()
 
     @staticmethod
     def _check(cfg):
@@ -424,19 +475,43 @@ class PPOTrainer:
         pol, crit = self._init_params
         self._init_params = None
         mesh = self.mesh
-        st = {"step": jnp.zeros((), jnp.int32), "params": pol, "opt_state": jax.jit(self.tx.init)(pol),
+        self.shardings = self._state_shardings(pol, crit)
+        sh = self.shardings
+        st = {"step": jnp.zeros((), jnp.int32), "params": pol,
+              "opt_state": init_opt_state(self.tx, pol, sh["params"], mesh),
               "nonfinite": jnp.zeros((), jnp.int32), "critic_params": crit,
-              "critic_opt_state": jax.jit(self.ctx.init)(crit),
+              "critic_opt_state": init_opt_state(self.ctx, crit, sh["critic_params"], mesh),
               "beta": jnp.asarray(float(self.cfg["ppo"]["kl_coef"]), jnp.float32)}
-        replicated = NamedSharding(mesh, P())
-        self.shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
-                                      and x.sharding.mesh == mesh else replicated, st)
         st = jax.device_put(st, self.shardings)
-        fix = lambda t: jax.device_put(t, jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
-                                                       else replicated, t))
+        fix = lambda t: jax.device_put(t, jax.tree.map(lambda x: on_mesh(x, mesh), t))
         self.policy_frozen, self.critic_frozen = fix(self.policy_frozen), fix(self.critic_frozen)
-        self.update_fn = jax.jit(self._update, donate_argnums=(0,), out_shardings=(self.shardings, None))
+        self._jit_update()
         return st
+
+    def abstract_state(self):
+        """For the planner: ShapeDtypeStructs (with shardings) of init_state()'s state, and the
+        jitted update built over them exactly as init_state builds it."""
+        pol, crit = self._abstract_params
+        self.shardings = self._state_shardings(pol, crit)
+        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": pol,
+                  "opt_state": jax.eval_shape(self.tx.init, pol), "nonfinite": jax.ShapeDtypeStruct((), jnp.int32),
+                  "critic_params": crit, "critic_opt_state": jax.eval_shape(self.ctx.init, crit),
+                  "beta": jax.ShapeDtypeStruct((), jnp.float32)}
+        self._jit_update()
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, self.shardings)
+
+    def _state_shardings(self, pol, crit):
+        """Trainables keep their shardings, optimizer moments follow them, scalars are replicated."""
+        mesh = self.mesh
+        rep = NamedSharding(mesh, P())
+        psh = jax.tree.map(lambda x: on_mesh(x, mesh), pol)
+        csh = jax.tree.map(lambda x: on_mesh(x, mesh), crit)
+        return {"step": rep, "params": psh, "opt_state": opt_state_shardings(self.tx, pol, psh, mesh),
+                "nonfinite": rep, "critic_params": csh,
+                "critic_opt_state": opt_state_shardings(self.ctx, crit, csh, mesh), "beta": rep}
+
+    def _jit_update(self):
+        self.update_fn = jax.jit(self._update, donate_argnums=(0,), out_shardings=(self.shardings, None))
 
     # ------------------------------------------------------------------------- one iteration
     def collect(self, st, step: int):

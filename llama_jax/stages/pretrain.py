@@ -33,6 +33,18 @@ def lm_loss(model, batch, segment_aware: bool):
     return token_cross_entropy(logits[:, :-1], targets, w)
 
 
+def make_loss(cfg):
+    """The Task's loss_fn(model, batch, rng) -> (loss_sum, weight, aux) for this config."""
+    seg_aware = bool(cfg["data"]["segment_aware"])
+    return lambda m, b, rng: (*lm_loss(m, b, seg_aware), {})
+
+
+def batch_spec(cfg, batch: int, seq: int | None = None) -> dict:
+    """Shapes and dtypes of a global training batch (what StepIndexedBatches over `pack` yields)."""
+    T = int(seq or cfg["data"]["block_size"])
+    return {k: jax.ShapeDtypeStruct((batch, T), jnp.int32) for k in ("tokens", "segments", "positions")}
+
+
 def build_task(cfg, tok, model, run_dir: Path):
     dc, tc = cfg["data"], cfg["train"]
     T = int(dc["block_size"])
@@ -63,10 +75,9 @@ def build_task(cfg, tok, model, run_dir: Path):
     batches = StepIndexedBatches(blocks, G, int(tc["seed"]), jax.process_index(), jax.process_count())
     eval_list = eval_batches({"tokens": eval_blocks.tokens, "segments": eval_blocks.segments,
                               "positions": eval_blocks.positions}, G, tc["eval_batches"])
-    seg_aware = bool(dc["segment_aware"])
     print(f"pretrain data: {len(docs)} documents -> {len(blocks)} blocks of {T} tokens; "
           f"eval {len(eval_list)} batch(es) of {G}")
-    return Task(name="pretrain", loss_fn=lambda m, b, rng: (*lm_loss(m, b, seg_aware), {}), train=batches,
+    return Task(name="pretrain", loss_fn=make_loss(cfg), train=batches,
                 eval_batches=eval_list, flops_per_token=flops_per_token(model.config, T), tokens_per_row=T,
                 extra_meta={"blocks": len(blocks)})
 

@@ -39,6 +39,20 @@ def sft_loss(model, batch):
     return token_cross_entropy(logits[:, :-1], jnp.where(targets == IGNORE_INDEX, 0, targets), w)
 
 
+def make_loss(cfg):
+    """The Task's loss_fn(model, batch, rng) -> (loss_sum, weight, aux)."""
+    return lambda m, b, rng: (*sft_loss(m, b), {})
+
+
+def batch_spec(cfg, batch: int, seq: int | None = None) -> dict:
+    """Shapes and dtypes of a global training batch: packed rows (data.batching=pack) or padded
+    rows with an attention mask (bucket / pad, at their longest length)."""
+    T = int(seq or cfg["data"]["max_length"])
+    keys = (("tokens", "labels", "segments", "positions") if cfg["data"]["batching"] == "pack"
+            else ("tokens", "labels", "attention_mask"))
+    return {k: jax.ShapeDtypeStruct((batch, T), jnp.int32) for k in keys}
+
+
 def _rows(examples, dc, G, seed, pad_id):
     if dc["batching"] == "pack":
         rows = pack_examples(examples, int(dc["max_length"]), pad_id)
@@ -104,7 +118,7 @@ def build_task(cfg, tok, model, run_dir: Path):
 
     real = (rows["segments"] > 0).sum() / len(rows["segments"]) * G if isinstance(rows, dict) else \
         np.mean([b["attention_mask"].sum() for b in rows])
-    return Task(name="sft", loss_fn=lambda m, b, rng: (*sft_loss(m, b), {}), train=train_batches,
+    return Task(name="sft", loss_fn=make_loss(cfg), train=train_batches,
                 eval_batches=eval_list, eval_fn=samples, flops_per_token=flops_per_token(model.config, T),
                 tokens_per_row=T if dc["batching"] == "pack" else 0,
                 extra_meta={"padding_fraction": pad_frac, "real_tokens_per_batch": float(real), **{k: int(v) for k, v in stats.counts.items()}})

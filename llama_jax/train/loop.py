@@ -66,6 +66,146 @@ def _state_tree(step, params, opt_state, nonfinite):
     return {"step": step, "params": params, "opt_state": opt_state, "nonfinite": nonfinite}
 
 
+def on_mesh(x, mesh) -> NamedSharding:
+    """The sharding a state leaf keeps: its own NamedSharding on `mesh`, else replicated.  Works on
+    arrays and on ShapeDtypeStructs alike (the planner's abstract state carries its shardings)."""
+    sh = getattr(x, "sharding", None)
+    return sh if isinstance(sh, NamedSharding) and sh.mesh == mesh else NamedSharding(mesh, P())
+
+
+def opt_state_shardings(tx, params, param_shardings, mesh):
+    """Optimizer-state shardings: every per-parameter leaf (Adam moments, ...) follows its
+    parameter's sharding, everything else (counts) is replicated.  Explicit on purpose: jit(tx.init)
+    alone leaves the moments where XLA puts a constant (one device), which would replicate them."""
+    from optax.transforms._masking import MaskedNode
+
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(
+        tx, lambda v, sh: v if isinstance(v, MaskedNode) else sh, abstract, param_shardings,
+        transform_non_params=lambda _: NamedSharding(mesh, P()),
+        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, MaskedNode)))
+
+
+def init_opt_state(tx, params, param_shardings, mesh):
+    """tx.init(params), created already sharded (see opt_state_shardings)."""
+    params = jax.device_put(params, param_shardings)
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, param_shardings, mesh))(params)
+
+
+@dataclass
+class TrainStep:
+    """The jitted training step and what it needs, built by `build_train_step` for `train()` and
+    for the planner (`llama_jax.plan`), which lowers the very same `step` with abstract inputs."""
+    graphdef: Any
+    tx: optax.GradientTransformation
+    lr_fn: Callable
+    mesh: Any
+    accum: int
+    param_shardings: Any
+    state_shardings: Any   # {"step", "params", "opt_state", "nonfinite"}
+    frozen_shardings: Any
+    batch_sharding: NamedSharding  # every batch leaf: [accum, global batch, ...] split over (data, fsdp)
+    step: Callable         # jit(step_fn)(state, frozen, batch) -> (state, metrics); state donated
+    eval: Callable         # jit(eval_fn)(params, frozen, batch) -> (loss_sum, weight, aux)
+
+    def init_state(self, params):
+        """The initial training state (step 0, fresh optimizer), placed on its shardings."""
+        opt = init_opt_state(self.tx, params, self.param_shardings, self.mesh)
+        state = _state_tree(jnp.zeros((), jnp.int32), params, opt, jnp.zeros((), jnp.int32))
+        return jax.device_put(state, self.state_shardings)
+
+    def place_frozen(self, frozen):
+        return jax.device_put(frozen, self.frozen_shardings)
+
+    def abstract_state(self, params):
+        """ShapeDtypeStructs (with shardings) of what init_state returns, without computing it."""
+        shapes = _state_tree(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(self.tx.init, params),
+                             jax.ShapeDtypeStruct((), jnp.int32))
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    def abstract_frozen(self, frozen):
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), frozen,
+                            self.frozen_shardings)
+
+    def abstract_batch(self, rows: dict):
+        """rows: {name: ShapeDtypeStruct [global batch, ...]} -> the step's [accum, micro, ...] inputs."""
+        return {k: jax.ShapeDtypeStruct((self.accum, v.shape[0] // self.accum) + tuple(v.shape[1:]), v.dtype,
+                                        sharding=self.batch_sharding) for k, v in rows.items()}
+
+
+def build_train_step(loss_fn: Callable, model, tc: dict, mesh, trainable=nnx.Param):
+    """Split `model` into what trains and what is frozen, build the optimizer and the jitted step
+    (gradient accumulation, clipping, AdamW, NaN/Inf guard) with its shardings and donation.
+
+    `model` may be concrete or abstract (nnx.eval_shape, leaves ShapeDtypeStructs with shardings):
+    the step is the same either way.  Returns (TrainStep, trainable params, frozen state)."""
+    from ..lora import has_lora, with_dropout_step
+
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    tx, lr_fn = make_optimizer(tc, params)
+    accum, seed = int(tc["grad_accum"]), int(tc["seed"])
+    replicated = NamedSharding(mesh, P())
+    # optimizer moments follow their parameters' sharding; scalars (step, counts) are replicated
+    param_sh = jax.tree.map(lambda x: on_mesh(x, mesh), params)
+    shardings = _state_tree(replicated, param_sh, opt_state_shardings(tx, params, param_sh, mesh), replicated)
+    frozen_sh = jax.tree.map(lambda x: on_mesh(x, mesh), frozen)
+    batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp")))
+    lora_dropout = has_lora(model) and model.lora_config.dropout > 0
+
+    def micro_loss(p, frz, mb, rng, counter=0):
+        if lora_dropout:
+            frz = with_dropout_step(frz, counter)
+        m = nnx.merge(graphdef, p, frz)
+        s, w, aux = loss_fn(m, mb, rng)
+        return s, (w, aux)
+
+    def step_fn(st, frz, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), st["step"])
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def body(carry, xs):
+            g_acc, s_acc, w_acc, a_acc = carry
+            i, mb = xs
+            (s, (w, aux)), g = grad_fn(st["params"], frz, mb, jax.random.fold_in(rng, i),
+                                          st["step"] * accum + i + 1)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            a_acc = {k: a_acc[k] + aux[k] for k in a_acc} if a_acc else aux
+            return (g_acc, s_acc + s, w_acc + w, a_acc), None
+
+        zeros = jax.tree.map(jnp.zeros_like, st["params"])
+        _, (_, aux0) = jax.eval_shape(micro_loss, st["params"], frz, jax.tree.map(lambda x: x[0], batch), rng)
+        a0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in aux0.items()}
+        (g, s, w, aux), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, a0), (jnp.arange(accum), batch))
+        w = jnp.maximum(w, 1.0)
+        grads = jax.tree.map(lambda x: x / w, g)
+        loss = s / w
+        gnorm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, st["opt_state"], st["params"])
+        new_params = optax.apply_updates(st["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        out = _state_tree(st["step"] + 1, keep(new_params, st["params"]), keep(new_opt, st["opt_state"]),
+                          jnp.where(finite, 0, st["nonfinite"] + 1))
+        metrics = {"loss": loss, "grad_norm": gnorm, "tokens": w, "finite": finite,
+                   **{k: v / w for k, v in aux.items()}}
+        return out, metrics
+
+    jstep = jax.jit(step_fn, in_shardings=(shardings, frozen_sh, batch_sh), out_shardings=(shardings, None),
+                    donate_argnums=(0,))
+
+    def eval_fn(p, frz, batch):
+        m = nnx.merge(graphdef, p, frz)
+        m.eval()  # dropout off
+        s, w, aux = loss_fn(m, batch, jax.random.key(0))
+        return s, w, aux
+
+    ts = TrainStep(graphdef=graphdef, tx=tx, lr_fn=lr_fn, mesh=mesh, accum=accum, param_shardings=param_sh,
+                   state_shardings=shardings, frozen_shardings=frozen_sh, batch_sharding=batch_sh, step=jstep,
+                   eval=jax.jit(eval_fn))
+    return ts, params, frozen
+
+
 def restore_latest(model, cfg: dict, run_dir, trainable=nnx.Param, step: int | None = None) -> int:
     """Load the trainable parameters of a run's latest (or given) checkpoint into `model`."""
     import orbax.checkpoint as ocp
@@ -78,6 +218,12 @@ def restore_latest(model, cfg: dict, run_dir, trainable=nnx.Param, step: int | N
     _, params, _ = nnx.split(model, trainable, ...)
     tx, _ = make_optimizer(cfg["train"], params)
     opt = jax.eval_shape(tx.init, params)
+    mesh = next((x.sharding.mesh for x in jax.tree.leaves(params)
+                 if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+    if mesh is not None:  # moments restored sharded like their parameters, as the loop saved them
+        psh = jax.tree.map(lambda x: on_mesh(x, mesh), params)
+        opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt,
+                           opt_state_shardings(tx, params, psh, mesh))
     abstract = _state_tree(jax.ShapeDtypeStruct((), jnp.int32), params, opt, jax.ShapeDtypeStruct((), jnp.int32))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                             abstract)
@@ -177,71 +323,11 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
         (run_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
                                                         indent=2, ensure_ascii=False) + "\n")
 
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
-    tx, lr_fn = make_optimizer(tc, params)
+    ts, params, frozen = build_train_step(task.loss_fn, model, tc, mesh, trainable)
+    graphdef, lr_fn, jstep, jeval = ts.graphdef, ts.lr_fn, ts.step, ts.eval
     n_train = count_params(params)
-    opt_state = jax.jit(tx.init)(params)
-    state = _state_tree(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
-    # optimizer moments follow their parameters' sharding; scalars (step, counts) are replicated
-    replicated = NamedSharding(mesh, P())
-    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
-                             and x.sharding.mesh == mesh else replicated, state)
-    state = jax.device_put(state, shardings)
-    frozen = jax.device_put(frozen, jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
-                                                 else replicated, frozen))
-    seed = int(tc["seed"])
-
-    from ..lora import has_lora, with_dropout_step
-
-    lora_dropout = has_lora(model) and model.lora_config.dropout > 0
-
-    def micro_loss(p, frz, mb, rng, counter=0):
-        if lora_dropout:
-            frz = with_dropout_step(frz, counter)
-        m = nnx.merge(graphdef, p, frz)
-        s, w, aux = task.loss_fn(m, mb, rng)
-        return s, (w, aux)
-
-    def step_fn(st, frz, batch):
-        rng = jax.random.fold_in(jax.random.key(seed), st["step"])
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-        def body(carry, xs):
-            g_acc, s_acc, w_acc, a_acc = carry
-            i, mb = xs
-            (s, (w, aux)), g = grad_fn(st["params"], frz, mb, jax.random.fold_in(rng, i),
-                                          st["step"] * accum + i + 1)
-            g_acc = jax.tree.map(jnp.add, g_acc, g)
-            a_acc = {k: a_acc[k] + aux[k] for k in a_acc} if a_acc else aux
-            return (g_acc, s_acc + s, w_acc + w, a_acc), None
-
-        zeros = jax.tree.map(jnp.zeros_like, st["params"])
-        _, (_, aux0) = jax.eval_shape(micro_loss, st["params"], frz, jax.tree.map(lambda x: x[0], batch), rng)
-        a0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in aux0.items()}
-        (g, s, w, aux), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, a0), (jnp.arange(accum), batch))
-        w = jnp.maximum(w, 1.0)
-        grads = jax.tree.map(lambda x: x / w, g)
-        loss = s / w
-        gnorm = optax.global_norm(grads)
-        updates, new_opt = tx.update(grads, st["opt_state"], st["params"])
-        new_params = optax.apply_updates(st["params"], updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        out = _state_tree(st["step"] + 1, keep(new_params, st["params"]), keep(new_opt, st["opt_state"]),
-                          jnp.where(finite, 0, st["nonfinite"] + 1))
-        metrics = {"loss": loss, "grad_norm": gnorm, "tokens": w, "finite": finite,
-                   **{k: v / w for k, v in aux.items()}}
-        return out, metrics
-
-    jstep = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, None))
-
-    def eval_fn(p, frz, batch):
-        m = nnx.merge(graphdef, p, frz)
-        m.eval()  # dropout off
-        s, w, aux = task.loss_fn(m, batch, jax.random.key(0))
-        return s, w, aux
-
-    jeval = jax.jit(eval_fn)
+    state = ts.init_state(params)
+    frozen = ts.place_frozen(frozen)
 
     # ---- resume
     ckpt_dir = run_dir / "checkpoints"
