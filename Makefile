@@ -20,5 +20,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# TPU memory plans (`llama-jax plan`) need libtpu, kept out of .venv: its presence makes jax probe
+# for a TPU at startup.  Same jax as .venv, plus libtpu (compile-only: no TPU needed).
+PLAN_VENV := .venv-plan
+.PHONY: plan-env
+plan-env: $(PLAN_VENV)/.installed
+
+$(PLAN_VENV)/.installed: pyproject.toml
+	test -x $(PLAN_VENV)/bin/python || $(PY) -m venv $(PLAN_VENV)
+	$(PLAN_VENV)/bin/pip install -q --upgrade pip
+	$(PLAN_VENV)/bin/pip install -q -e . "jax[tpu]==0.10.2"
+	touch $@
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

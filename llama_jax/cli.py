@@ -44,6 +44,30 @@ def _cmd_demo(args) -> int:
     return run_demo(args)
 
 
+PLAN_VENV = REPO / ".venv-plan"
+
+
+def _cmd_plan(args) -> int:
+    """TPU plans need libtpu, kept out of the main environment (its presence makes jax probe for a
+    TPU at startup): without it, re-run the same command in .venv-plan (`make plan-env`)."""
+    import importlib.util
+
+    if args.topology != "cpu" and importlib.util.find_spec("libtpu") is None:
+        exe = PLAN_VENV / "bin" / "llama-jax"
+        if exe.exists() and not os.environ.get("LLAMA_JAX_PLAN_REEXEC"):
+            os.environ["LLAMA_JAX_PLAN_REEXEC"] = "1"
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+            sys.stdout.flush()
+            os.execv(str(exe), [str(exe), *sys.argv[1:]])
+        print("llama-jax plan: libtpu is not installed in this environment. Run `make plan-env` (creates "
+              f"{PLAN_VENV.name}/ with jax[tpu]), then `{PLAN_VENV.name}/bin/llama-jax plan ...` "
+              "(plain `llama-jax plan` re-runs itself there once it exists).", file=sys.stderr)
+        return 2
+    from .plan import cmd_plan
+
+    return cmd_plan(args)
+
+
 def _cmd_stage(name):
     def run(args) -> int:
         import importlib
@@ -82,6 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="run directory (rerunning the same command resumes)")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
         p.set_defaults(func=_cmd_stage(name))
+
+    pl = sub.add_parser("plan", help="ahead-of-time TPU memory / FLOPs plan of a stage's real training step")
+    pl.add_argument("--model", default="llama2-7b", help="preset: llama2-7b, llama2-13b, llama2-70b (default llama2-7b)")
+    pl.add_argument("--stage", default="sft-lora", help="pretrain-full, pretrain-lora, sft-lora, ppo (default sft-lora)")
+    pl.add_argument("--topology", default="v5e:2x4",
+                    help="TPU slice: v5e:2x4, v5e-8, v4-8, v5p-8, v5p:2x2x2, v6e-8, ... or cpu (default v5e:2x4)")
+    pl.add_argument("--batch", type=int, default=None, help="global batch (default: the stage config's)")
+    pl.add_argument("--seq", type=int, default=None,
+                    help="sequence length (default: the config's block_size / max_length; PPO: prompt length)")
+    pl.add_argument("--mesh", default=None, help="mesh override, e.g. data=1,fsdp=4,tensor=2 (default: the "
+                    "config's, fsdp over all chips)")
+    pl.add_argument("--find-batch", action="store_true", help="find the largest global batch that fits")
+    pl.add_argument("--vocab-size", type=int, default=55296,
+                    help="vocabulary (default 55296, Chinese-LLaMA-2's; 0 = the preset's 32000)")
+    pl.add_argument("--config", default=None, help="stage YAML (default configs/chinese-llama2-7b/<stage>.yaml)")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. model.remat=full")
+    pl.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON")
+    pl.set_defaults(func=_cmd_plan)
 
     e = sub.add_parser("export", help="run directory / checkpoint -> HF directory (merged) or PEFT adapter")
     e.add_argument("--model", required=True, help="a run directory, llama_jax checkpoint or HF directory")
@@ -135,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["plan"] and "cpu" not in words:
+        # TPU plans compile for a described slice; jax must not look for a TPU here (set before jax loads)
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     ap = build_parser()
     # dotted.key=value overrides may come before or after --out: collect them wherever they are
     args, unknown = ap.parse_known_args(argv)
