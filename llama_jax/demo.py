@@ -1,39 +1,504 @@
-"""`llama-jax demo`.
+"""`llama-jax demo [--out DIR] [--data DIR] [--base-tokenizer PATH]`: the whole pipeline on CPU.
 
-For now (the end-to-end pipeline lands with the demo issue) the demo initialises a toy Llama,
-exports it as an HF directory, loads it back and generates from it with the KV-cache decoder:
-it shows the machinery end to end, and the text is random because the model is untrained.
+Tokenizer (train a Chinese BPE, merge it into a base) -> toy Llama -> pretraining -> LoRA SFT ->
+reward model -> PPO -> before/after samples, each stage a plain `llama-jax <stage>` run whose
+YAML config is written to OUT/configs (so any stage can be rerun or changed by hand).
+
+Default: the built-in synthetic task (llama_jax.synthetic: numbers and dates written in Chinese
+characters), so every stage has a true metric: chars/token of the merged tokenizer against the
+base, pretraining perplexity on held-out text, SFT and PPO exact-match on held-out questions, RM
+accuracy on held-out pairs, reward and KL through PPO.  The base tokenizer is --base-tokenizer,
+else LLaMA-2's under --data, else a small byte-fallback BPE trained on the fly on English text
+(so Chinese falls back to bytes, as with LLaMA-2).  With --data DIR the stages run on the real
+Chinese corpora, SFT and preference sets of DIR (layout of ../shared/data) instead.
+
+Output: a summary table on the terminal, OUT/report.json (every stage's metrics, written after
+each stage), OUT/plots/*.png, and every stage's run directory with its metrics.jsonl.
 """
 from __future__ import annotations
 
 import json
+import random
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
+
+from .synthetic import Example, SyntheticTask, number_to_en
+
+TEMPLATE = "llama2-chat"  # no system prompt: short prompts for a toy model
+
+# The toy model every stage shares (vocab set from the merged tokenizer).
+MODEL = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+@dataclass
+class Sizes:
+    """Data and step counts of the built-in run (chosen to fit ~10 minutes on 2 CPU cores)."""
+    corpus_lines: int = 4000
+    sft_examples: int = 4000
+    pref_pairs: int = 6000
+    ppo_prompts: int = 2000
+    eval_questions: int = 256
+    eval_pairs: int = 400
+    pretrain_steps: int = 400
+    sft_steps: int = 80
+    rm_steps: int = 300
+    ppo_steps: int = 30
+    seed: int = 0
+
+
+@dataclass
+class DemoData:
+    """Files each stage reads, plus the checkable questions (synthetic task only)."""
+    tokenizer_corpus: list[Path]
+    tokenizer_eval: list[str]             # held-out lines for chars/token
+    pretrain_train: list[Path]
+    pretrain_eval: list[Path]
+    sft_train: list[Path]
+    sft_eval: list[Path]
+    pref_train: list[Path]
+    pref_eval: list[Path]
+    ppo_prompts: list[Path]
+    base_tokenizer_corpus: Path | None = None  # text for the on-the-fly base tokenizer
+    eval_questions: list[Example] = field(default_factory=list)
+    sample_questions: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- files
+def _write_jsonl(path: Path, records) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _write_lines(path: Path, lines) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def synthetic_data(d: Path, task: SyntheticTask, n: Sizes) -> DemoData:
+    """Write the built-in task's files: train split for training, test split for every metric."""
+    d.mkdir(parents=True, exist_ok=True)
+    s = n.seed
+    train_corpus = _write_lines(d / "corpus_train.txt", task.corpus(n.corpus_lines, "train", s))
+    eval_corpus = _write_lines(d / "corpus_test.txt", task.corpus(max(50, n.corpus_lines // 40), "test", s))
+
+    def sft(exs):
+        return [{"instruction": e.question, "output": e.answer} for e in exs]
+
+    def pairs(exs, salt):
+        rng = random.Random(f"pairs:{salt}:{s}")
+        out = []
+        for e in exs:
+            bad, kind = task.corrupt(e, rng)
+            out.append({"prompt": e.question, "chosen": e.answer, "rejected": bad, "corruption": kind})
+        return out
+
+    sft_train = _write_jsonl(d / "sft_train.jsonl", sft(task.examples(n.sft_examples, "train", s)))
+    sft_eval = _write_jsonl(d / "sft_test.jsonl", sft(task.examples(200, "test", s + 1)))
+    pref_train = _write_jsonl(d / "pref_train.jsonl", pairs(task.examples(n.pref_pairs, "train", s + 2), "train"))
+    pref_eval = _write_jsonl(d / "pref_test.jsonl", pairs(task.examples(n.eval_pairs, "test", s + 3), "test"))
+    prompts = _write_jsonl(d / "ppo_prompts.jsonl",
+                           [{"instruction": e.question} for e in task.examples(n.ppo_prompts, "train", s + 4)])
+    questions = task.examples(n.eval_questions, "test", s + 5)
+    base_corpus = _write_lines(d / "base_tokenizer_corpus.txt", english_corpus(4000, s))
+    return DemoData(tokenizer_corpus=[train_corpus], tokenizer_eval=eval_corpus.read_text("utf-8").splitlines(),
+                    pretrain_train=[train_corpus], pretrain_eval=[eval_corpus], sft_train=[sft_train],
+                    sft_eval=[sft_eval], pref_train=[pref_train], pref_eval=[pref_eval], ppo_prompts=[prompts],
+                    base_tokenizer_corpus=base_corpus, eval_questions=questions,
+                    sample_questions=[e.question for e in questions[:4]])
+
+
+def english_corpus(n_lines: int, seed: int) -> list[str]:
+    """Text for the on-the-fly base tokenizer: English, like most of LLaMA-2's training text."""
+    rng = random.Random(f"english:{seed}")
+    forms = ["{d} is written {e}.", "The number {d} reads {e}.", "We counted {e} ({d}) items in total."]
+    return [" ".join(rng.choice(forms).format(d=k, e=number_to_en(k))
+                     for k in (rng.randint(0, 99999) for _ in range(4))) for _ in range(n_lines)]
+
+
+def real_data(data: Path) -> DemoData:
+    """The real Chinese files of DATA (../shared/data layout)."""
+    corpus = [data / "zh-corpus" / "clue_corpus_small_sample.txt", data / "zh-corpus" / "cmrc2018_wiki_paragraphs.txt"]
+    for p in corpus + [data / "zh-sft" / "alpaca_zh_demo.json", data / "zh-pref" / "dpo_zh_500.jsonl"]:
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: not found (--data must have the ../shared/data layout)")
+    lines = corpus[1].read_text("utf-8").splitlines()
+    return DemoData(tokenizer_corpus=corpus[:1], tokenizer_eval=lines[-200:], pretrain_train=corpus,
+                    pretrain_eval=[], sft_train=[data / "zh-sft" / "alpaca_zh_demo.json"], sft_eval=[],
+                    pref_train=[data / "zh-pref" / "dpo_zh_500.jsonl"], pref_eval=[],
+                    ppo_prompts=[data / "zh-sft" / "belle_open_source_1k.jsonl"],
+                    sample_questions=["请介绍一下中国的首都。", "用一句话解释什么是机器学习。"])
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def count_tokens(sp, lines: list[str]) -> int:
+    return sum(len(ids) for ids in sp.encode(lines))
+
+
+def tokenizer_stage(out: Path, data: DemoData, base: Path | None, zh_vocab: int) -> tuple[Path, dict]:
+    """Train the Chinese BPE, merge it into the base (trained here when none is given)."""
+    import sentencepiece as spm
+
+    from .tokenizer.merge import MergeOptions, merge_tokenizers
+    from .tokenizer.train import train_bpe
+
+    d = out / "tokenizer"
+    d.mkdir(parents=True, exist_ok=True)
+    base_kind = "given"
+    if base is None:
+        base = train_bpe(d / "base", input_files=[data.base_tokenizer_corpus], vocab_size=600,
+                         extra={"hard_vocab_limit": False, "byte_fallback": True}).model_path
+        base_kind = "trained on the fly (English, byte fallback)"
+    zh = train_bpe(d / "zh", input_files=data.tokenizer_corpus, vocab_size=zh_vocab,
+                   extra={"hard_vocab_limit": False}).model_path
+    # <pad> right after the base pieces; vocab rounded up to a multiple of 64 (TPU/GPU-friendly)
+    merged = merge_tokenizers(base, zh, d / "merged", MergeOptions(pad_token=True, pad_to_multiple_of=64))
+    base_sp = spm.SentencePieceProcessor(model_file=str(base))
+    new_sp = spm.SentencePieceProcessor(model_file=str(d / "merged" / "tokenizer.model"))
+    m = {"base": str(base), "base_kind": base_kind, "base_vocab": base_sp.get_piece_size(),
+         "chinese_vocab": spm.SentencePieceProcessor(model_file=str(zh)).get_piece_size(),
+         "merged_vocab": new_sp.get_piece_size(), "pad_id": new_sp.piece_to_id("<pad>"),
+         "eval_lines": len(data.tokenizer_eval), "eval_chars": sum(len(x) for x in data.tokenizer_eval),
+         "eval_tokens_base": count_tokens(base_sp, data.tokenizer_eval),
+         "eval_tokens_merged": count_tokens(new_sp, data.tokenizer_eval)}
+    m["chars_per_token_base"] = round(m["eval_chars"] / m["eval_tokens_base"], 4)
+    m["chars_per_token_merged"] = round(m["eval_chars"] / m["eval_tokens_merged"], 4)
+    m["tokens_merged_over_base"] = round(m["eval_tokens_merged"] / m["eval_tokens_base"], 4)
+    return d / "merged", m
+
+
+# ----------------------------------------------------------------------------- stages
+def _write_config(out: Path, name: str, cfg: dict) -> Path:
+    d = out / "configs"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / f"{name}.yaml"
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    tmp.replace(p)
+    return p
+
+
+def _strs(paths) -> list[str]:
+    return [str(Path(p).absolute()) for p in paths]
+
+
+def stage_configs(out: Path, data: DemoData, tok_dir: Path, tok_m: dict, n: Sizes,
+                  ppo_reward: str = "rm") -> dict[str, dict]:
+    """The five stage configs (plain `llama-jax <stage>` YAML), chained through exported models."""
+    models = out / "models"
+    vocab = tok_m["merged_vocab"]
+    overrides = dict(MODEL, vocab_size=vocab, pad_token_id=tok_m["pad_id"])
+    common_train = {"seed": n.seed, "log_every": 10, "warmup_ratio": 0.05, "schedule": "cosine"}
+    ev = lambda files, **kw: {"eval_files": _strs(files)} if files else {"eval_fraction": kw.get("frac", 0.05)}  # noqa: E731
+    lora = {"enabled": True, "rank": 16, "alpha": 32, "dropout": 0.0}
+    return {
+        "pretrain": {
+            "model": {"init": "toy", "overrides": overrides},
+            "tokenizer": str(tok_dir),
+            "data": {"train_files": _strs(data.pretrain_train), **ev(data.pretrain_eval), "block_size": 128},
+            "train": {**common_train, "steps": n.pretrain_steps, "batch_size": 16, "lr": 3e-3,
+                      "eval_every": max(50, n.pretrain_steps // 6), "eval_batches": 4,
+                      "checkpoint_every": n.pretrain_steps},
+        },
+        "sft": {
+            "model": {"init": str(models / "pretrained")},
+            "tokenizer": str(tok_dir),
+            "lora": {**lora, "trainable_modules": ["embed_tokens", "lm_head"]},
+            "data": {"train_files": _strs(data.sft_train), **ev(data.sft_eval), "template": TEMPLATE,
+                     "max_length": 128, "batching": "pack", "sample_prompts": data.sample_questions[:2],
+                     "sample_max_new_tokens": 24},
+            "train": {**common_train, "steps": n.sft_steps, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.0,
+                      "eval_every": max(50, n.sft_steps // 3), "eval_batches": 4, "checkpoint_every": n.sft_steps},
+        },
+        "rm": {
+            "model": {"init": str(models / "sft")},
+            "tokenizer": str(tok_dir),
+            "data": {"train_files": _strs(data.pref_train), **ev(data.pref_eval, frac=0.1), "template": TEMPLATE,
+                     "max_length": 128, "pad_id": tok_m["pad_id"], "pad_to_multiple": 16},
+            "rm": {"center_coef": 0.01},
+            "train": {**common_train, "steps": n.rm_steps, "batch_size": 32, "lr": 5e-4, "min_lr_ratio": 0.0,
+                      "eval_every": max(20, n.rm_steps // 5), "checkpoint_every": n.rm_steps},
+        },
+        "ppo": {
+            "model": {"init": str(models / "sft")},
+            "tokenizer": str(tok_dir),
+            "lora": lora,
+            "data": {"prompt_files": _strs(data.ppo_prompts), "template": TEMPLATE, "max_prompt_length": 48},
+            "ppo": {**({"reward_model": str(models / "rm")} if ppo_reward == "rm" else
+                       {"reward_fn": "llama_jax.synthetic:exact_match_reward",
+                        "reward_fn_args": {"tokenizer": str(tok_dir)}, "value_model": str(models / "rm")}),
+                    "max_new_tokens": 24, "temperature": 1.0, "epochs": 2,
+                    "minibatches": 2, "kl_coef": 0.05, "missing_eos_score": -1.0},
+            "train": {**common_train, "steps": n.ppo_steps, "batch_size": 64, "lr": 5e-4, "warmup_ratio": 0.0,
+                      "schedule": "constant", "log_every": 2, "checkpoint_every": n.ppo_steps},
+        },
+    }
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def _last(recs: list[dict], key: str):
+    vals = [r[key] for r in recs if key in r]
+    return vals[-1] if vals else None
+
+
+def _first(recs: list[dict], key: str):
+    vals = [r[key] for r in recs if key in r]
+    return vals[0] if vals else None
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _prompt_ids(tok, question: str) -> list[int]:
+    from .data.chat import ASSISTANT, USER, Conversation, get_template
+
+    return get_template(TEMPLATE).exchanges(Conversation(None, [(USER, question), (ASSISTANT, "x")]), tok)[0][0]
+
+
+def answers(model, tok, questions: list[str], max_new_tokens: int = 24, temperature: float = 0.0,
+            seed: int = 0) -> list[str]:
+    """Greedy (or sampled) replies to each question through the chat template, EOS cut."""
+    from .generate import generate
+
+    ids = [_prompt_ids(tok, q) for q in questions]
+    outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                    pad_id=model.config.pad_token_id, eos_ids=[tok.eos_token_id])
+    return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+
+def rm_scores(rm, tok, prompts: list[str], replies: list[str]):
+    """Raw RM scores of (question, reply) pairs through the chat template, one forward."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from .data.chat import ASSISTANT, USER, Conversation, get_template
+    from .stages.reward import last_token_scores
+
+    tpl = get_template(TEMPLATE)
+    seqs = []
+    for q, a in zip(prompts, replies):
+        p, r = tpl.exchanges(Conversation(None, [(USER, q), (ASSISTANT, a)]), tok)[0]
+        seqs.append(p + r)
+    T = -(-max(len(x) for x in seqs) // 16) * 16
+    ids = np.full((len(seqs), T), rm.config.pad_token_id, np.int32)
+    mask = np.zeros_like(ids)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)], mask[i, :len(x)] = x, 1
+    return np.asarray(last_token_scores(rm, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def pair_accuracy_by_kind(rm, tok, pairs_file: Path) -> dict:
+    """Held-out RM accuracy per corruption kind (the `corruption` field of the synthetic pairs)."""
+    recs = [json.loads(line) for line in pairs_file.read_text("utf-8").splitlines() if line.strip()]
+    qs = [r["prompt"] for r in recs]
+    good = rm_scores(rm, tok, qs, [r["chosen"] for r in recs])
+    bad = rm_scores(rm, tok, qs, [r["rejected"] for r in recs])
+    out: dict[str, list] = {}
+    for r, g, b in zip(recs, good, bad):
+        out.setdefault(r.get("corruption", "?"), []).append(bool(g > b))
+    return {k: {"accuracy": round(sum(v) / len(v), 4), "pairs": len(v)} for k, v in sorted(out.items())}
+
+
+def exact_match(model, tok, questions: list[Example], **kw) -> tuple[float, list[str]]:
+    replies = answers(model, tok, [e.question for e in questions], **kw)
+    return sum(r == e.answer for r, e in zip(replies, questions)) / len(questions), replies
+
+
+# ----------------------------------------------------------------------------- the pipeline
+SIZES = {
+    "default": Sizes(),
+    # a smoke run of every stage (tests): same code, a few steps each
+    "tiny": Sizes(corpus_lines=300, sft_examples=200, pref_pairs=128, ppo_prompts=64, eval_questions=32,
+                  eval_pairs=64, pretrain_steps=20, sft_steps=10, rm_steps=8, ppo_steps=2),
+}
+
+
+class Report:
+    """report.json, rewritten (atomically) after every stage so a stopped run still has one."""
+
+    def __init__(self, path: Path, head: dict):
+        self.path, self.data = path, {**head, "stages": {}}
+
+    def stage(self, name: str, metrics: dict):
+        self.data["stages"][name] = metrics
+        self.save()
+
+    def save(self):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self.path)
+
+
+def _banner(text: str):
+    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def _resolve_base(args, data_dir: Path | None) -> Path | None:
+    if args.base_tokenizer:
+        p = Path(args.base_tokenizer)
+        if not p.exists():
+            raise FileNotFoundError(f"--base-tokenizer {p}: not found")
+        return p
+    if data_dir is not None:
+        p = data_dir / "llama2-tokenizer" / "tokenizer.model"
+        if p.exists():
+            return p
+    return None
 
 
 def run_demo(args) -> int:
     import llama_jax
-    from .cli import default_data_dir
+
+    from .export import export
+    from .stages import ppo, pretrain, reward, sft
     from .text import load_tokenizer
 
-    out = Path(args.out)
+    t_start = time.perf_counter()
+    out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data) if args.data else default_data_dir()
-    tok_path = Path(args.base_tokenizer) if args.base_tokenizer else data / "llama2-tokenizer" / "tokenizer.model"
-    if not tok_path.exists():
-        raise FileNotFoundError(f"{tok_path}: base tokenizer not found (pass --base-tokenizer or --data)")
-    tok = load_tokenizer(tok_path)
-    cfg = llama_jax.preset("toy", vocab_size=len(tok))
+    n = SIZES[getattr(args, "size", "default") or "default"]
+    data_dir = Path(args.data) if args.data else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise FileNotFoundError(f"--data {data_dir}: not a directory")
+    task = SyntheticTask()
+    data = real_data(data_dir) if data_dir else synthetic_data(out / "data", task, n)
+    checkable = bool(data.eval_questions)
+    report = Report(out / "report.json", {
+        "task": "synthetic: numbers and dates in Chinese characters (llama_jax.synthetic)" if checkable
+        else f"real data under {data_dir}", "sizes": n.__dict__, "model": MODEL})
+    runs, models = out / "runs", out / "models"
+
+    _banner("1/5 tokenizer: train a Chinese BPE, merge it into the base")
     t0 = time.perf_counter()
-    model = llama_jax.init_model(cfg, seed=0)
-    export = llama_jax.save_hf(model, out / "toy-model", tokenizer=None)
-    model = llama_jax.load(export)
-    print(f"toy Llama: {cfg.num_params() / 1e6:.2f}M parameters, exported to {export} and reloaded")
-    prompt = "人工智能是"
-    print(f"prompt: {prompt}\ncontinuation (untrained model, random text): ", end="", flush=True)
-    text = llama_jax.generate(model, prompt, tok, max_new_tokens=24, temperature=0.0, stream=True)
-    report = {"stage": "foundation-only demo", "params": cfg.num_params(), "prompt": prompt,
-              "continuation": text[0], "seconds": round(time.perf_counter() - t0, 2)}
-    (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-    print(f"report: {out / 'report.json'}")
+    tok_dir, tm = tokenizer_stage(out, data, _resolve_base(args, data_dir), 200 if checkable else 4000)
+    tm["seconds"] = round(time.perf_counter() - t0, 1)
+    report.stage("tokenizer", tm)
+    print(f"base {tm['base_vocab']} pieces ({tm['base_kind']}) + Chinese -> {tm['merged_vocab']} pieces; "
+          f"chars/token on held-out text {tm['chars_per_token_base']:.2f} -> {tm['chars_per_token_merged']:.2f}")
+    tok = load_tokenizer(tok_dir)
+    reward_kind = args.ppo_reward if args.ppo_reward != "auto" else ("exact" if checkable else "rm")
+    if reward_kind == "exact" and not checkable:
+        raise ValueError("--ppo-reward exact needs the built-in task (it checks answers); use rm with --data")
+    cfgs = {k: _write_config(out, k, v) for k, v in stage_configs(out, data, tok_dir, tm, n, reward_kind).items()}
+
+    def run_stage(name, module, export_to=None, exporter=export):
+        t0 = time.perf_counter()
+        if (runs / name).exists():  # a fresh run: the loop would otherwise resume from the old one
+            shutil.rmtree(runs / name)
+        module.run(cfgs[name], out=str(runs / name))
+        if export_to is not None:
+            exporter(runs / name, models / export_to)
+        return _metrics(runs / name), round(time.perf_counter() - t0, 1)
+
+    def em(model_dir: Path, **kw):
+        return exact_match(llama_jax.load(model_dir), tok, data.eval_questions, **kw)
+
+    _banner("2/5 continued pretraining (toy Llama, random init)")
+    recs, secs = run_stage("pretrain", pretrain, "pretrained")
+    pm = {"seconds": secs, "steps": n.pretrain_steps, "eval_ppl_first": _first(recs, "eval_ppl"),
+          "eval_ppl": _last(recs, "eval_ppl"), "loss": _last(recs, "loss"),
+          "tokens_per_sec": _last(recs, "tokens_per_sec")}
+    report.stage("pretrain", pm)
+
+    _banner("3/5 SFT with LoRA (+ embed_tokens / lm_head in full)")
+    sm = {}
+    if checkable:
+        sm["exact_match_before"], _ = em(models / "pretrained")
+    recs, secs = run_stage("sft", sft, "sft")
+    sm.update({"seconds": secs, "steps": n.sft_steps, "loss": _last(recs, "loss"),
+               "eval_loss": _last(recs, "eval_loss")})
+    if checkable:
+        sm["exact_match"], sft_replies = em(models / "sft")
+    report.stage("sft", sm)
+
+    _banner("4/5 reward model (pairwise, on the SFT backbone)")
+    recs, secs = run_stage("rm", reward, "rm", exporter=reward.export)
+    rm = {"seconds": secs, "steps": n.rm_steps, "eval_accuracy": _last(recs, "eval_accuracy"),
+          "eval_accuracy_first": _first(recs, "eval_accuracy"), "eval_margin": _last(recs, "eval_margin"),
+          "eval_pairs_file": _strs(data.pref_eval)}
+    rm_model = llama_jax.load(models / "rm", head="score")
+    if checkable:
+        rm["eval_accuracy_by_corruption"] = pair_accuracy_by_kind(rm_model, tok, data.pref_eval[0])
+    report.stage("rm", rm)
+
+    _banner(f"5/5 PPO (LoRA policy, reference = LoRA off, critic from the RM; reward: "
+            f"{'the RM' if reward_kind == 'rm' else 'exact-match checker'})")
+    recs, secs = run_stage("ppo", ppo, "ppo")
+    qm = {"seconds": secs, "iterations": n.ppo_steps, "score_first": _first(recs, "score"),
+          "score_last": _last(recs, "score"), "kl_last": _last(recs, "kl"),
+          "response_length_last": _last(recs, "response_length")}
+    qm["reward"] = reward_kind
+    if checkable:
+        qs = [e.question for e in data.eval_questions]
+        qm["exact_match_before"], before = sm["exact_match"], sft_replies
+        qm["exact_match"], after = em(models / "ppo")
+        off = json.loads((models / "rm" / "config.json").read_text()).get("reward_offset", 0.0)
+        # the reward model's view of the greedy answers, before and after PPO (normalised scores)
+        qm["rm_score_greedy_before"] = float(rm_scores(rm_model, tok, qs, before).mean() - off)
+        qm["rm_score_greedy"] = float(rm_scores(rm_model, tok, qs, after).mean() - off)
+    report.stage("ppo", qm)
+
+    samples = []
+    for stage in ("pretrained", "sft", "ppo"):
+        replies = answers(llama_jax.load(models / stage), tok, data.sample_questions)
+        samples += [{"model": stage, "question": q, "reply": r} for q, r in zip(data.sample_questions, replies)]
+    if checkable:
+        truth = {e.question: e.answer for e in data.eval_questions}
+        for s in samples:
+            s["correct"] = truth.get(s["question"])
+    report.data["samples"] = samples
+    report.data["seconds"] = round(time.perf_counter() - t_start, 1)
+    report.save()
+
+    from .plots import demo_plots
+
+    report.data["plots"] = [str(p) for p in demo_plots(runs, out / "plots")]
+    report.save()
+    print(summary_table(report.data))
+    print(f"report: {out / 'report.json'}   plots: {out / 'plots'}   total {report.data['seconds']:.0f} s")
     return 0
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, fmt="{:.3f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def summary_table(rep: dict) -> str:
+    s = rep["stages"]
+    t, p, f, r, q = (s.get(k, {}) for k in ("tokenizer", "pretrain", "sft", "rm", "ppo"))
+    rows = [
+        ("tokenizer", "chars/token, held-out text", _num(t.get("chars_per_token_base"), "{:.2f}"),
+         _num(t.get("chars_per_token_merged"), "{:.2f}")),
+        ("pretrain", "perplexity, held-out text", _num(p.get("eval_ppl_first"), "{:.1f}"), _num(p.get("eval_ppl"), "{:.2f}")),
+        ("sft", "exact-match, held-out questions", _pct(f.get("exact_match_before")), _pct(f.get("exact_match"))),
+        ("rm", "accuracy, held-out pairs", _pct(r.get("eval_accuracy_first")), _pct(r.get("eval_accuracy"))),
+        ("ppo", "exact-match, held-out questions", _pct(q.get("exact_match_before")), _pct(q.get("exact_match"))),
+        ("ppo", f"reward of rollouts ({'RM score' if q.get('reward') == 'rm' else 'exact-match checker'})",
+         _num(q.get("score_first")), _num(q.get("score_last"))),
+        ("ppo", "RM score of greedy answers, held-out", _num(q.get("rm_score_greedy_before")),
+         _num(q.get("rm_score_greedy"))),
+        ("ppo", "KL(policy || reference)", "0", _num(q.get("kl_last"), "{:.4f}")),
+    ]
+    w = [max(len(str(row[i])) for row in rows + [("stage", "metric", "before", "after")]) for i in range(4)]
+    line = lambda row: "  ".join(str(c).ljust(w[i]) if i < 2 else str(c).rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
+    out = [line(("stage", "metric", "before", "after")), "  ".join("-" * x for x in w)] + [line(r) for r in rows]
+    for smp in rep.get("samples", []):
+        mark = "" if smp.get("correct") is None else ("  ✓" if smp["reply"] == smp["correct"] else f"  ✗ ({smp['correct']})")
+        out.append(f"[{smp['model']}] {smp['question']} -> {smp['reply']}{mark}")
+    return "\n".join(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 
 DIGITS = "零一二三四五六七八九"
@@ -75,7 +76,7 @@ def _is_test(key: str, test_fraction: float) -> bool:
 class SyntheticTask:
     """Numbers in [0, max_number] and dates in [min_year, max_year], split train/test by hash."""
 
-    def __init__(self, max_number: int = 9999, min_year: int = 1900, max_year: int = 2099,
+    def __init__(self, max_number: int = 999, min_year: int = 1900, max_year: int = 2099,
                  date_fraction: float = 0.3, test_fraction: float = 0.1):
         self.max_number, self.min_year, self.max_year = max_number, min_year, max_year
         self.date_fraction, self.test_fraction = date_fraction, test_fraction
@@ -115,34 +116,41 @@ class SyntheticTask:
         return [self.corpus_line([self.sample(rng, split) for _ in range(facts_per_line)], rng)
                 for _ in range(n_lines)]
 
-    def corruptions(self, ex: Example, rng: random.Random) -> str:
-        """A wrong answer near the right one (the rejected side of a preference pair)."""
+    CORRUPTIONS = ("numeral", "neighbour", "zero", "truncated", "digits")
+
+    def corrupt(self, ex: Example, rng: random.Random) -> tuple[str, str]:
+        """(a wrong answer near the right one, its kind): the rejected side of a preference pair.
+        Kinds (uniform): one numeral changed, a neighbouring value's reading, 零 dropped or added,
+        the answer cut short, the digits copied back instead of written out."""
         while True:
-            kind = rng.randrange(5)
+            kind = rng.choice(self.CORRUPTIONS)
             a = ex.answer
-            if kind == 0:  # one numeral changed
+            if kind == "numeral":
                 pos = [i for i, c in enumerate(a) if c in DIGITS[1:] or c in YEAR_DIGITS]
                 if not pos:
                     continue
                 i = rng.choice(pos)
-                table = YEAR_DIGITS if a[i] in YEAR_DIGITS and ex.kind == "date" and i < 4 else DIGITS[1:]
+                table = YEAR_DIGITS if ex.kind == "date" and i < 4 else DIGITS[1:]
                 bad = a[:i] + rng.choice([c for c in table if c != a[i]]) + a[i + 1:]
-            elif kind == 1:  # a neighbouring value's reading
+            elif kind == "neighbour":
                 if ex.kind == "number":
                     n = int(ex.digits)
                     bad = number_to_zh(max(0, n + rng.choice([-10, -1, 1, 10, 100])))
                 else:
                     bad = a.replace("年", "年" + rng.choice(DIGITS[1:]), 1) if rng.random() < 0.5 else a[:-1] + "号"
-            elif kind == 2:  # 零 dropped or doubled
+            elif kind == "zero":
                 bad = a.replace("零", "", 1) if "零" in a else a[:1] + "零" + a[1:]
-            elif kind == 3:  # cut short
+            elif kind == "truncated":
                 if len(a) < 2:
                     continue
                 bad = a[:rng.randint(1, len(a) - 1)]
-            else:  # the digits copied instead of written out
+            else:
                 bad = ex.digits
-            if bad != a:
-                return bad
+            if bad and bad != a:
+                return bad, kind
+
+    def corruptions(self, ex: Example, rng: random.Random) -> str:
+        return self.corrupt(ex, rng)[0]
 
     def check(self, ex: Example, response: str) -> bool:
         return response.strip() == ex.answer
@@ -162,3 +170,39 @@ def number_to_en(n: int) -> str:
     if n < 1000:
         return _EN_ONES[n // 100] + " hundred" + (" " + number_to_en(n % 100) if n % 100 else "")
     return number_to_en(n // 1000) + " thousand" + (" " + number_to_en(n % 1000) if n % 1000 else "")
+
+
+_QUESTION = re.compile(r"把(\d+)写成汉字|把(\d+)年(\d+)月(\d+)日写成汉字")
+
+
+def answer_of(question: str) -> str | None:
+    """The correct answer of a question found in `question` (e.g. a rendered prompt), else None."""
+    m = _QUESTION.search(question)
+    if m is None:
+        return None
+    if m.group(1) is not None:
+        n = int(m.group(1))
+        return number_to_zh(n) if n < 10 ** 8 else None
+    y, mo, d = (int(g) for g in m.group(2, 3, 4))
+    return date_to_zh(y, mo, d) if 1 <= mo <= 12 and 1 <= d <= 31 else None
+
+
+def exact_match_reward(tokenizer: str):
+    """A PPO reward function (ppo.reward_fn = "llama_jax.synthetic:exact_match_reward",
+    ppo.reward_fn_args = {tokenizer: DIR}): 1 when the decoded response is exactly the answer to
+    the question in the decoded prompt, else 0 (no EOS: ppo.missing_eos_score applies)."""
+    import numpy as np
+
+    from .text import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+
+    def reward(prompt_ids, response_ids, mask):
+        out = np.zeros(len(prompt_ids), np.float32)
+        for i, (p, r, m) in enumerate(zip(prompt_ids, response_ids, mask)):
+            want = answer_of(tok.decode([int(t) for t in p], skip_special_tokens=True))
+            got = tok.decode([int(t) for t, k in zip(r, m) if k > 0], skip_special_tokens=True).strip()
+            out[i] = float(want is not None and got == want)
+        return out
+
+    return reward

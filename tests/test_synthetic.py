@@ -50,7 +50,7 @@ def test_corruptions_are_wrong():
     rng = random.Random(0)
     for e in t.examples(500, "train", 3):
         bad = t.corruptions(e, rng)
-        assert bad != e.answer and not t.check(e, bad)
+        assert bad and bad != e.answer and not t.check(e, bad)
 
 
 def test_corpus_lines_hold_true_facts():
@@ -69,3 +69,27 @@ def test_corpus_lines_hold_true_facts():
             assert zh == date_to_zh(int(y), int(m), int(d))
         else:
             assert zh == number_to_zh(int(digits))
+
+
+def test_answer_of_and_checker_reward(data_dir):
+    import numpy as np
+
+    from llama_jax.synthetic import answer_of, exact_match_reward
+    from llama_jax.text import load_tokenizer
+
+    assert answer_of("[INST] 把72写成汉字。 [/INST]") == "七十二"
+    assert answer_of("把2023年5月12日写成汉字。") == "二〇二三年五月十二日"
+    assert answer_of("把2023年13月12日写成汉字。") is None and answer_of("你好") is None
+    path = data_dir / "llama2-tokenizer" / "tokenizer.model"
+    tok = load_tokenizer(path)
+    reward = exact_match_reward(str(path))
+    prompt = tok("[INST] 把72写成汉字。 [/INST]")["input_ids"]
+    replies = ["七十二", "七十三", " 七十二 "]
+    resp = [tok.sp.encode(r) + [tok.eos_token_id] for r in replies]
+    N = max(map(len, resp))
+    ids = np.zeros((3, N), np.int32)
+    mask = np.zeros((3, N), np.float32)
+    for i, r in enumerate(resp):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    got = reward(np.asarray([prompt] * 3), ids, mask)
+    assert got.dtype == np.float32 and got.tolist() == [1.0, 0.0, 1.0]

@@ -166,7 +166,14 @@ REWARDS: dict[str, Callable] = {
 }
 
 
-def get_reward_fn(name: str) -> Callable:
+def get_reward_fn(name: str, factory_args: dict | None = None) -> Callable:
+    """A reward function by name; with `factory_args` the name is a factory, called with them
+    (e.g. "llama_jax.synthetic:exact_match_reward" with {"tokenizer": DIR})."""
+    fn = _lookup_reward(name)
+    return fn(**factory_args) if factory_args else fn
+
+
+def _lookup_reward(name: str) -> Callable:
     if name in REWARDS:
         return REWARDS[name]
     if ":" in name:

@@ -62,6 +62,7 @@ DEFAULTS = stage_defaults(
     ppo={
         "reward_model": None,      # HF / llama_jax dir of a head='score' model (frozen) ...
         "reward_fn": None,         # ... or a registered reward function (rl.rollout.REWARDS) / "module:fn"
+        "reward_fn_args": {},      # given: reward_fn names a factory, called with these keyword arguments once
         "reward_offset": "auto",   # subtracted from RM scores; auto = the RM dir's reward_offset (llama-jax rm), else 0
         "value_model": None,       # critic init; default: the reward model, else the policy + zero head
         "critic_lora": None,       # LoRA critic (value head trained in full); default: lora.enabled
@@ -278,7 +279,7 @@ class PPOTrainer:
         self.n_prompts = len(prompts)
         self.batches = StepIndexedBatches({"prompt_ids": ids, "prompt_mask": mask}, self.B, int(tc["seed"]),
                                           jax.process_index(), jax.process_count())
-        self.reward_fn = get_reward_fn(pc["reward_fn"]) if pc["reward_fn"] else None
+        self.reward_fn = get_reward_fn(pc["reward_fn"], pc["reward_fn_args"]) if pc["reward_fn"] else None
         self._optimizers(pol_params, crit_params)
         self._init_params = (pol_params, crit_params)
         self._build_fns()
@@ -294,7 +295,8 @@ class PPOTrainer:
         cls._check(cfg)
         self.mesh, self.tok, self.config = mesh, None, policy.config
         self.reward_offset = 0.0
-        self.reward_fn = get_reward_fn(cfg["ppo"]["reward_fn"]) if cfg["ppo"]["reward_fn"] else None
+        self.reward_fn = (get_reward_fn(cfg["ppo"]["reward_fn"], cfg["ppo"]["reward_fn_args"])
+                          if cfg["ppo"]["reward_fn"] else None)
         pol_params, crit_params = self._attach_models(policy, critic, critic_lora(cfg), rm)
         self._set_shapes([[0] * int(prompt_length)])
         self.n_prompts, self.batches = 0, None

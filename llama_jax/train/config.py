@@ -42,13 +42,21 @@ class ConfigError(ValueError):
     pass
 
 
+# mappings whose keys are not ours to check (LlamaConfig fields, a reward factory's arguments)
+FREE_FORM = {"overrides", "reward_fn_args"}
+
+
 def _merge(base: dict, over: dict, where: str, source: str) -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
         key = f"{where}{k}"
         if k not in out:
             raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(out))})")
-        if isinstance(out[k], dict) and k != "overrides":
+        if isinstance(out[k], dict) and k in FREE_FORM:
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: '{key}' must be a mapping")
+            out[k] = {**out[k], **copy.deepcopy(v)}
+        elif isinstance(out[k], dict):
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: '{key}' must be a mapping")
             out[k] = _merge(out[k], v, key + ".", source)

@@ -1,0 +1,72 @@
+"""PNG plots of run directories' metrics.jsonl (matplotlib, headless)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def _series(recs: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in recs if key in r and "step" in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _panel(ax, recs, keys, title, ylabel=None, logy=False):
+    for key in keys:
+        x, y = _series(recs, key)
+        if x:
+            ax.plot(x, y, marker="o" if len(x) < 15 else None, markersize=3, label=key)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def demo_plots(runs: Path, out: Path) -> list[Path]:
+    """losses.png (pretrain / SFT / RM), rm_accuracy.png, ppo.png (reward, KL, length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    m = {k: read_metrics(runs / k) for k in ("pretrain", "sft", "rm", "ppo")}
+    written = []
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    _panel(axes[0], m["pretrain"], ["loss", "eval_loss"], "pretraining", "cross entropy", logy=True)
+    _panel(axes[1], m["sft"], ["loss", "eval_loss"], "SFT (LoRA)", "cross entropy (responses)", logy=True)
+    _panel(axes[2], m["rm"], ["loss", "eval_loss"], "reward model", "pairwise loss")
+    fig.tight_layout()
+    written.append(out / "losses.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    _panel(ax, m["rm"], ["accuracy", "eval_accuracy"], "reward model accuracy", "accuracy")
+    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+    fig.tight_layout()
+    written.append(out / "rm_accuracy.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    _panel(axes[0], m["ppo"], ["score", "reward"], "PPO reward", "per rollout")
+    _panel(axes[1], m["ppo"], ["kl"], "PPO KL(policy || reference)", "nats / sequence")
+    _panel(axes[2], m["ppo"], ["response_length"], "PPO response length", "tokens")
+    fig.tight_layout()
+    written.append(out / "ppo.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written

@@ -1,0 +1,93 @@
+"""`llama-jax demo --size tiny`: every stage of the pipeline runs through the CLI on the built-in task.
+
+The full-size demo's numbers (RM >= 90 %, PPO raising exact-match) take ~10 minutes and are
+checked by `make demo` and recorded in docs/demo.md; here the tiny run checks what a few steps
+already determine exactly: the files and their chaining, the tokenizer's compression on the
+synthetic text, a report whose numbers come from the runs' metrics, plots, loadable exports.
+"""
+import json
+import struct
+
+import pytest
+import yaml
+
+from llama_jax.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(out), "--size", "tiny"]) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_report_and_stage_chaining(demo):
+    out, rep = demo
+    st = rep["stages"]
+    assert set(st) == {"tokenizer", "pretrain", "sft", "rm", "ppo"}
+    # each stage's metrics are the last ones its run logged
+    for name, key, rkey in [("pretrain", "eval_ppl", "eval_ppl"), ("sft", "eval_loss", "eval_loss"),
+                            ("rm", "eval_accuracy", "eval_accuracy"), ("ppo", "kl_last", "kl")]:
+        recs = [json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert st[name][key] == [r[rkey] for r in recs if rkey in r][-1]
+    # stages are chained through exported models, as their configs say
+    cfg = {k: yaml.safe_load((out / "configs" / f"{k}.yaml").read_text()) for k in ("pretrain", "sft", "rm", "ppo")}
+    assert cfg["sft"]["model"]["init"] == str(out / "models" / "pretrained")
+    assert cfg["rm"]["model"]["init"] == cfg["ppo"]["model"]["init"] == str(out / "models" / "sft")
+    # built-in task: PPO's reward is the exact-match checker, its critic starts from the RM
+    assert cfg["ppo"]["ppo"]["reward_fn"] == "llama_jax.synthetic:exact_match_reward"
+    assert cfg["ppo"]["ppo"]["value_model"] == str(out / "models" / "rm") and rep["stages"]["ppo"]["reward"] == "exact"
+    assert cfg["sft"]["lora"]["enabled"] and cfg["sft"]["lora"]["trainable_modules"] == ["embed_tokens", "lm_head"]
+    for m in ("pretrained", "sft", "rm", "ppo"):
+        assert (out / "models" / m / "config.json").exists()
+    # the RM export carries its normalisation offset, which PPO subtracted
+    assert "reward_offset" in json.loads((out / "models" / "rm" / "config.json").read_text())
+    # PPO started at the SFT policy: KL to the reference is reported and finite
+    assert st["ppo"]["kl_last"] is not None and st["ppo"]["kl_last"] >= -1e-6
+    assert 0.0 <= st["sft"]["exact_match"] <= 1.0 and st["sft"]["exact_match_before"] == 0.0
+    assert len(rep["samples"]) == 3 * 4 and all("correct" in s for s in rep["samples"])
+
+
+def test_tokenizer_stage_shortens_chinese(demo):
+    out, rep = demo
+    t = rep["stages"]["tokenizer"]
+    assert t["base_kind"].startswith("trained on the fly")
+    # the base falls back to bytes on Chinese (3 per character), the merged one has Chinese pieces
+    assert t["chars_per_token_base"] < 0.5 and t["chars_per_token_merged"] > 1.2
+    assert t["tokens_merged_over_base"] == round(t["eval_tokens_merged"] / t["eval_tokens_base"], 4)
+    assert t["merged_vocab"] % 64 == 0 and t["pad_id"] == t["base_vocab"]
+    assert (out / "tokenizer" / "merged" / "tokenizer.json").exists()
+
+
+def test_plots_are_pngs(demo):
+    out, rep = demo
+    assert {p.split("/")[-1] for p in rep["plots"]} == {"losses.png", "rm_accuracy.png", "ppo.png"}
+    for p in rep["plots"]:
+        head = open(p, "rb").read(24)
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        w, h = struct.unpack(">II", head[16:24])
+        assert w > 300 and h > 200
+
+
+def test_bad_data_dir_is_named(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "missing")])
+    assert rc != 0
+    assert "missing" in capsys.readouterr().err
+
+
+def test_ppo_on_the_reward_model_config(tmp_path):
+    """--ppo-reward rm (the default with --data): PPO against the trained RM, critic from it too."""
+    from llama_jax.demo import SIZES, DemoData, stage_configs
+
+    data = DemoData(tokenizer_corpus=[], tokenizer_eval=[], pretrain_train=[tmp_path / "a.txt"], pretrain_eval=[],
+                    sft_train=[tmp_path / "s.json"], sft_eval=[], pref_train=[tmp_path / "p.jsonl"], pref_eval=[],
+                    ppo_prompts=[tmp_path / "q.jsonl"])
+    tm = {"merged_vocab": 768, "pad_id": 562}
+    c = stage_configs(tmp_path, data, tmp_path / "tok", tm, SIZES["tiny"], ppo_reward="rm")["ppo"]
+    assert c["ppo"]["reward_model"] == str(tmp_path / "models" / "rm") and "reward_fn" not in c["ppo"]
+    assert c["model"]["init"] == str(tmp_path / "models" / "sft") and c["lora"]["enabled"]
+    # no held-out files given: the stages hold out a fraction themselves
+    cs = stage_configs(tmp_path, data, tmp_path / "tok", tm, SIZES["tiny"])
+    assert cs["pretrain"]["data"]["eval_fraction"] == 0.05 and cs["rm"]["data"]["eval_fraction"] == 0.1
