@@ -377,6 +377,7 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
             rec.update(task.eval_fn(nnx.merge(graphdef, state["params"], frozen), step))
         return rec
 
+    post: dict = {}  # the progress bar's fields, kept between log steps
     try:
         for step in range(start, steps):
             batch = _to_global(task.train.batch(step), mesh, accum)
@@ -404,19 +405,24 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
                 if int(state["nonfinite"]) >= int(tc["max_nonfinite"]):
                     raise TrainingError(f"{int(state['nonfinite'])} non-finite steps in a row at step {done}; "
                                         "stopping (the last checkpoint holds finite weights)")
-                if tc["eval_every"] and (done % int(tc["eval_every"]) == 0 or is_last):
-                    rec.update(run_eval(done))
-                writer.write(rec)
-                last.update(rec)
-                if on_log:
-                    on_log(rec)
                 if bar is not None:
                     post = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}",
                             "tok/s": f"{rec['tokens_per_sec']:.0f}"}
                     if "mfu" in rec:
                         post["mfu"] = f"{rec['mfu']:.1%}"
-                    if "eval_loss" in rec:
-                        post["eval"] = f"{rec['eval_loss']:.4f}"
+            else:
+                rec = None
+            # eval on its own schedule: a step that is not a logging step gets a record of its own
+            if tc["eval_every"] and (done % int(tc["eval_every"]) == 0 or is_last):
+                rec = {**(rec or {"step": done}), **run_eval(done)}
+                if bar is not None and "eval_loss" in rec:
+                    post["eval"] = f"{rec['eval_loss']:.4f}"
+            if rec is not None:
+                writer.write(rec)
+                last.update(rec)
+                if on_log:
+                    on_log(rec)
+                if bar is not None:
                     bar.set_postfix(post, refresh=False)
             if bar is not None:
                 bar.update(1)
