@@ -65,7 +65,8 @@ def run_cell(pl, topos, model, stage, topo_name, seq, overrides, out, done):
 
 # ladders measured first (the rest of the grid follows in MODELS x STAGES x generations order)
 # (model, stage, generation, climb the ladder?)
-PRIORITY = [("llama2-7b", st, gen, False) for st in STAGES for gen in ("v5e", "v5p", "v4")] + [
+PRIORITY = [("llama2-7b", st, gen, False) for st in STAGES[:2] for gen in ("v5e", "v5p", "v4")] + [
+    ("llama2-7b", st, gen, False) for gen in ("v5e", "v5p", "v4") for st in STAGES[2:]] + [
     ("llama2-70b", "sft-lora", "v5e", True), ("llama2-70b", "pretrain-full", "v5p", True),
     ("llama2-13b", "sft-lora", "v5e", True), ("llama2-13b", "pretrain-full", "v5p", True),
     ("llama2-7b", "pretrain-full", "v5e", True),
