@@ -55,7 +55,7 @@ def _merge(base: dict, over: dict, where: str, source: str) -> dict:
         if isinstance(out[k], dict) and k in FREE_FORM:
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: '{key}' must be a mapping")
-            out[k] = {**out[k], **copy.deepcopy(v)}
+            out[k] = copy.deepcopy(v)  # replaced as a whole, as given
         elif isinstance(out[k], dict):
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: '{key}' must be a mapping")
