@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from .plots import read_metrics as _metrics
 from .synthetic import Example, SyntheticTask, number_to_en
 
 TEMPLATE = "llama2-chat"  # no system prompt: short prompts for a toy model
@@ -245,9 +246,6 @@ def stage_configs(out: Path, data: DemoData, tok_dir: Path, tok_m: dict, n: Size
     }
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
 
 
 def _last(recs: list[dict], key: str):

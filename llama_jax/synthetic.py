@@ -149,9 +149,6 @@ class SyntheticTask:
             if bad and bad != a:
                 return bad, kind
 
-    def corruptions(self, ex: Example, rng: random.Random) -> str:
-        return self.corrupt(ex, rng)[0]
-
     def check(self, ex: Example, response: str) -> bool:
         return response.strip() == ex.answer
 

@@ -49,7 +49,8 @@ def test_corruptions_are_wrong():
     t = SyntheticTask()
     rng = random.Random(0)
     for e in t.examples(500, "train", 3):
-        bad = t.corruptions(e, rng)
+        bad, kind = t.corrupt(e, rng)
+        assert kind in t.CORRUPTIONS
         assert bad and bad != e.answer and not t.check(e, bad)
 
 
