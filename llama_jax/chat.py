@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from .data.chat import Conversation, get_template
-from .generate import SamplingParams, _TextStreamer, decode, prefill
+from .generate import SamplingParams, _TextStreamer, decode, hoist_default, prefill
 from .model import Cache
 
 PAD_MULTIPLE = 16  # new-turn lengths are padded to few shapes, so turns rarely recompile
@@ -87,15 +87,15 @@ class ChatSession:
             self.streamer.ids, self.streamer.printed = [], 0
         out, self.cache = decode(self.graphdef, self.state, self.cache, logits,
                                  jnp.asarray([self.next_pos], jnp.int32), key, self.sp, tuple(self.eos), 0,
-                                 self.streamer)
+                                 self.streamer, hoist_layers=hoist_default())
         toks = np.asarray(out)[0].tolist()
         resp = []
         for t in toks:
             resp.append(t)
             if t in self.eos:
                 break
-        # the decoder feeds every token but the last of a full-length answer
-        fed = len(resp) if (resp[-1] in self.eos or len(resp) < self.sp.max_new_tokens) else len(resp) - 1
+        # the decoder feeds every token but the last it sampled (EOS or the N-th)
+        fed = len(resp) - 1
         self.pending = resp[fed:]
         self.next_pos += fed  # a pending token takes its position when the next turn feeds it
         self.history.append((user, resp))

@@ -55,40 +55,54 @@ def prefill(graphdef, state, input_ids, attention_mask, cache: Cache, positions=
     return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9), donate_argnums=(2,))
+def hoist_default() -> bool:
+    """Slice the layer-stacked weights once per decode call instead of every step?  On XLA:CPU a
+    slice of a stacked weight feeding a dot is copied each time it runs (measured 4x slower per
+    matmul than separate arrays, docs/benchmarks.md), so on CPU decode takes per-layer copies: one
+    extra copy of the weights in host RAM for the duration of the call.  Accelerators (where HBM is
+    the limit and the slice fuses into the matmul) keep slicing in the loop."""
+    return jax.default_backend() == "cpu"
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9), static_argnames=("hoist_layers",),
+                   donate_argnums=(2,))
 def decode(graphdef, state, cache: Cache, logits, positions, rng, sp: SamplingParams, eos_ids: tuple,
-           pad_id: int, stream: Callable | None):
+           pad_id: int, stream: Callable | None, *, hoist_layers: bool = False):
     """Sample from `logits`, then feed each new token back until max_new_tokens or all rows hit EOS.
 
-    positions [B]: the position of the next token of each row.  Returns (tokens [B, N], cache)."""
+    positions [B]: the position of the next token of each row.  Returns (tokens [B, N], cache); the
+    cache holds every sampled token but the last one sampled (a caller continuing the sequence
+    feeds that one first).  hoist_layers: see `hoist_default`."""
     model = nnx.merge(graphdef, state)
+    layer_params = model.layer_params() if hoist_layers else None
     B = logits.shape[0]
     N = sp.max_new_tokens
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def sample(step, out, done, logits, rng):
+        rng, key = jax.random.split(rng)
+        tok = jnp.where(done, pad_id, sample_token(logits, key, sp))
+        out = out.at[:, step].set(tok)
+        if stream is not None:
+            jax.debug.callback(stream, tok, ordered=True)
+        return tok, out, done | jnp.isin(tok, eos), rng
 
     def cond(c):
         step, _, done, *_ = c
         return (step < N) & ~jnp.all(done)
 
     def body(c):
-        step, out, done, cache, logits, pos, rng = c
-        rng, key = jax.random.split(rng)
-        tok = sample_token(logits, key, sp)
-        tok = jnp.where(done, pad_id, tok)
-        out = out.at[:, step].set(tok)
-        if stream is not None:
-            jax.debug.callback(stream, tok, ordered=True)
-        done = done | jnp.isin(tok, eos)
-        # the last sampled token needs no forward pass
-        def feed(_):
-            lg, cch = model(tok[:, None], positions=pos[:, None], segment_ids=jnp.ones((B, 1), jnp.int32),
-                            cache=cache)
-            return lg[:, -1], cch
-        logits, cache = jax.lax.cond(step + 1 < N, feed, lambda _: (logits, cache), None)
-        return step + 1, out, done, cache, logits, pos + 1, rng
+        # feed the previous token, then sample the next: the loop never runs a forward pass whose
+        # logits nobody samples (no lax.cond around the model, which would copy the cache)
+        step, out, done, cache, tok, pos, rng = c
+        lg, cache = model(tok[:, None], positions=pos[:, None], segment_ids=jnp.ones((B, 1), jnp.int32),
+                          cache=cache, layer_params=layer_params)
+        tok, out, done, rng = sample(step, out, done, lg[:, -1], rng)
+        return step + 1, out, done, cache, tok, pos + 1, rng
 
-    init = (jnp.int32(0), jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B,), bool), cache, logits,
-            positions.astype(jnp.int32), rng)
+    out = jnp.full((B, N), pad_id, jnp.int32)
+    tok, out, done, rng = sample(0, out, jnp.zeros((B,), bool), logits, rng)
+    init = (jnp.int32(1), out, done, cache, tok, positions.astype(jnp.int32), rng)
     _, out, _, cache, *_ = jax.lax.while_loop(cond, body, init)
     return out, cache
 
@@ -140,7 +154,8 @@ def generate(model: Llama, prompts, tokenizer=None, *, max_new_tokens: int = 64,
     cache = Cache.init(cfg, B, T + max_new_tokens)
     logits, cache = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache)
     positions = jnp.asarray(mask.sum(-1), jnp.int32)
-    out, _ = decode(graphdef, state, cache, logits, positions, jax.random.key(seed), sp, eos, int(pad_id), cb)
+    out, _ = decode(graphdef, state, cache, logits, positions, jax.random.key(seed), sp, eos, int(pad_id), cb,
+                    hoist_layers=hoist_default())
     out = np.asarray(out)
     if cb is not None:
         jax.effects_barrier()

@@ -42,11 +42,15 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         dt = _dt(self.dtype)
-        x = x.astype(dt)
+        # As a 2-D [tokens, in] matmul: for a [B, T, in] operand, XLA:CPU computes the kernel's
+        # gradient with a strided transposing copy of the output gradient; the 2-D form has none
+        # (measured: an MLP's forward + backward 32% faster, docs/benchmarks.md).
+        lead = x.shape[:-1]
+        x = x.astype(dt).reshape(-1, x.shape[-1])
         y = x @ self.kernel[...].astype(dt)
         if self.lora is not None:
             y = y + self.lora(x)
-        return y
+        return y.reshape(*lead, y.shape[-1])
 
 
 class RMSNorm(nnx.Module):
@@ -110,6 +114,21 @@ def apply_rope(x, cos, sin):
 
 
 # ----------------------------------------------------------------------------- blocks
+def cached_attention(q, ck, cv, mask, scale):
+    """Attention of q [B, T, N, D] to a cache layer k/v [B, K, S, D] (GQA: N = K * G), without
+    moving the cache: the score and value contractions have (B, K) as leading batch dims, so XLA
+    reads the buffers in place (a [B, S, K, D] layout costs a transpose of the whole layer per
+    decode step).  Scores and softmax in float32, as HF's eager attention.  mask [B, 1, T, S]."""
+    B, T, N, D = q.shape
+    K = ck.shape[1]
+    qg = q.reshape(B, T, K, N // K, D).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    sc = jnp.einsum("bkgtd,bksd->bkgts", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    sc = jnp.where(mask[:, :, None], sc, jnp.finfo(jnp.float32).min)  # rows with no key: uniform, unused
+    pr = jax.nn.softmax(sc, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", pr, cv.astype(q.dtype))
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, D)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, stack: int = 0):
         d, nq, nk, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -128,17 +147,18 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "length", "act_heads", None), mesh)
         if kv_cache is not None:
-            # Write this call's keys/values into layer i of the whole [L, B, S, K, D] cache in place
-            # (it is the scan carry, so XLA updates the buffer), then attend to all of layer i's slots.
-            ck, cv, i = kv_cache
-            at = (i, 0, attn.cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at)
-            kv_cache = (ck, cv, i)
-            k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=attn.mask, is_causal=attn.mask is None, scale=self.head_dim ** -0.5,
-            implementation=self.impl)
+            # Write this call's keys/values into this layer's own [B, K, S, D] buffers (in place: they
+            # are loop carries), then attend to all slots reading the buffers as stored.
+            ck, cv = kv_cache
+            at = (0, 0, attn.cache_index, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), at)
+            kv_cache = (ck, cv)
+            out = cached_attention(q, ck, cv, attn.mask, self.head_dim ** -0.5)
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=attn.mask, is_causal=attn.mask is None, scale=self.head_dim ** -0.5,
+                implementation=self.impl)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv_cache
 
 
@@ -175,9 +195,11 @@ class AttnInputs(NamedTuple):
 
 
 class Cache(NamedTuple):
-    """KV cache at num_kv_heads: k/v [layers, B, S, kv_heads, head_dim]; per-slot segment/position."""
-    k: jax.Array
-    v: jax.Array
+    """KV cache at num_kv_heads, one buffer per layer: k/v tuples of [B, kv_heads, S, head_dim]
+    (separate buffers, so a decode step updates and reads layer i without slicing it out of a
+    stacked array, which XLA:CPU copies); per-slot segment/position shared by all layers."""
+    k: tuple
+    v: tuple
     segment_ids: jax.Array  # [B, S] int32, 0 = empty
     positions: jax.Array    # [B, S] int32
     index: jax.Array        # int32 scalar: next slot to write
@@ -185,9 +207,16 @@ class Cache(NamedTuple):
     @classmethod
     def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> "Cache":
         dtype = _dt(dtype or cfg.dtype)
-        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), jnp.int32),
-                   jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+        shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
+        layers = range(cfg.num_hidden_layers)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch, length), jnp.int32),
+                   jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def layer_axes():
+        """Logical axes of one layer's k or v buffer (for sharding rules)."""
+        return ("batch", "kv_heads", "cache_length", None)
 
 
 REMAT = {
@@ -224,35 +253,41 @@ class Llama(nnx.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg=cfg, rngs=rngs)
 
     # -- the stacked layers -------------------------------------------------
-    def _run_layers(self, x, cos, sin, attn: AttnInputs, cache: Cache | None):
+    def _run_layers(self, x, cos, sin, attn: AttnInputs, cache: Cache | None, layer_params=None):
         cfg, mesh = self.config, self.mesh
         graphdef, params = nnx.split(self.layers)
+        if cache is not None:
+            # With a cache (inference) the layers run unrolled, each with its own KV buffers.
+            # layer_params: per-layer parameter states sliced once by the caller (generate.decode on
+            # CPU), else layer i is sliced here.
+            ks, vs = list(cache.k), list(cache.v)
+            for i in range(cfg.num_hidden_layers):
+                p = layer_params[i] if layer_params is not None else jax.tree.map(lambda a: a[i], params)
+                x, (ks[i], vs[i]) = nnx.merge(graphdef, p)(x, cos, sin, attn, (ks[i], vs[i]), mesh)
+            return x, tuple(ks), tuple(vs)
 
-        def body(carry, layer):
-            x, ck, cv = carry
-            i, p = layer
-            blk = nnx.merge(graphdef, p)
-            kv = None if ck is None else (ck, cv, i)
-            x, kv = blk(x, cos, sin, attn, kv, mesh)
-            if kv is not None:
-                ck, cv, _ = kv
-            return (x, ck, cv), None
+        def body(x, layer):
+            x, _ = nnx.merge(graphdef, layer)(x, cos, sin, attn, None, mesh)
+            return x, None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
-        ck = cv = None
-        if cache is not None:
-            ck, cv = cache.k, cache.v
-        idx = jnp.arange(cfg.num_hidden_layers)
         if cfg.scan_layers:
-            (x, ck, cv), _ = jax.lax.scan(body, (x, ck, cv), (idx, params))
+            x, _ = jax.lax.scan(body, x, params)
         else:
             for i in range(cfg.num_hidden_layers):
-                (x, ck, cv), _ = body((x, ck, cv), (i, jax.tree.map(lambda a: a[i], params)))
-        return x, ck, cv
+                x, _ = body(x, jax.tree.map(lambda a: a[i], params))
+        return x, None, None
+
+    def layer_params(self):
+        """Per-layer parameter states (copies of the stacked slices): what `__call__(...,
+        layer_params=)` takes, so a decode loop slices the stacked weights once, not every step."""
+        _, params = nnx.split(self.layers)
+        return [jax.tree.map(lambda a: a[i], params) for i in range(self.config.num_hidden_layers)]
 
     def __call__(self, input_ids, attention_mask=None, positions=None, *, segment_ids=None,
-                 cache: Cache | None = None, return_hidden: bool = False, last_only: bool = False):
+                 cache: Cache | None = None, return_hidden: bool = False, last_only: bool = False,
+                 layer_params=None):
         """input_ids [B, T] -> logits [B, T, vocab] float32 (scores [B, T] for head='score').
 
         attention_mask: [B, T] 1 = real token (left or right padding); positions default to
@@ -285,7 +320,7 @@ class Llama(nnx.Module):
         x = self.embed_tokens(input_ids)
         x = constrain(x, ("batch", "length", "act_embed"), self.mesh)
         cos, sin = rope_cos_sin(cfg, positions, x.dtype, longest)
-        x, ck, cv = self._run_layers(x, cos, sin, attn, cache)
+        x, ck, cv = self._run_layers(x, cos, sin, attn, cache, layer_params)
         if last_only:
             x = x[:, -1:]
         h = self.norm(x)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..generate import SamplingParams, decode, prefill
+from ..generate import SamplingParams, decode, hoist_default, prefill
 from ..model import Cache
 from . import ppo_math
 
@@ -41,8 +41,8 @@ def _cache_maker(cfg, batch: int, length: int, mesh):
     """One jitted cache constructor per shape (a fresh lambda every rollout would recompile)."""
     from ..sharding import named_sharding
 
-    kv = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    kv_sh = named_sharding(mesh, ("layers", "batch", "cache_length", "kv_heads", None), kv)
+    kv = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
+    kv_sh = (named_sharding(mesh, Cache.layer_axes(), kv),) * cfg.num_hidden_layers
     slot_sh = named_sharding(mesh, ("batch", "cache_length"), (batch, length))
     out = Cache(kv_sh, kv_sh, slot_sh, slot_sh, named_sharding(mesh, (), ()))
     return jax.jit(lambda: Cache.init(cfg, batch, length), out_shardings=out)
@@ -59,7 +59,8 @@ def sample_responses(graphdef, state, cfg, prompt_ids, prompt_mask, rng, *, max_
     logits, cache = prefill(graphdef, state, prompt_ids, prompt_mask, cache)
     positions = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     sp = SamplingParams(int(max_new_tokens), float(temperature), 0, 1.0)
-    tokens, _ = decode(graphdef, state, cache, logits, positions, rng, sp, tuple(eos_ids), int(pad_id), None)
+    tokens, _ = decode(graphdef, state, cache, logits, positions, rng, sp, tuple(eos_ids), int(pad_id), None,
+                       hoist_layers=hoist_default())
     return tokens
 
 

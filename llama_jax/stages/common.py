@@ -57,6 +57,13 @@ def check_vocab(tok, model):
                           "resize the model first (llama-jax resize)")
 
 
+def next_token(x, fill=0):
+    """x shifted one position left, `fill` at the end: row t holds token t+1.  Losses score all T
+    logits against these targets (the last weighted 0) instead of slicing logits[:, :-1], whose
+    gradient XLA pads back into a second [B, T, vocab] buffer."""
+    return jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)
+
+
 def token_cross_entropy(logits, targets, weights):
     """Sum of next-token cross entropy over weighted positions, in float32."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)

@@ -11,7 +11,7 @@ from ..data.packing import StepIndexedBatches, pack, tokenize_documents
 from ..data.sources import DataError
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
 from ..train.loop import Task
-from .common import eval_batches, flops_per_token, run_stage, token_cross_entropy
+from .common import eval_batches, flops_per_token, next_token, run_stage, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,10 @@ def lm_loss(model, batch, segment_aware: bool):
         logits = model(tokens, positions=pos, segment_ids=seg)
     else:
         logits = model(tokens)
-    targets = tokens[:, 1:]
-    # predict within a document only, never across a boundary or into padding
-    w = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
-    return token_cross_entropy(logits[:, :-1], targets, w)
+    # predict within a document only, never across a boundary, into padding or past the block
+    nseg = next_token(seg)
+    w = ((nseg == seg) & (nseg > 0)).astype(jnp.float32)
+    return token_cross_entropy(logits, next_token(tokens), w)
 
 
 def make_loss(cfg):

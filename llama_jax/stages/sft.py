@@ -18,7 +18,7 @@ from ..data.packing import StepIndexedBatches, StepIndexedList
 from ..data.sources import DataError, expand
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
 from ..train.loop import Task
-from .common import eval_batches, flops_per_token, run_stage, token_cross_entropy
+from .common import eval_batches, flops_per_token, next_token, run_stage, token_cross_entropy
 
 DEFAULTS = stage_defaults(data={
     "train_files": [], "eval_files": [], "eval_fraction": 0.05, "template": "chinese-alpaca-2", "max_length": 512,
@@ -34,9 +34,9 @@ def sft_loss(model, batch):
         logits = model(tokens, positions=batch["positions"], segment_ids=batch["segments"])
     else:
         logits = model(tokens, attention_mask=batch["attention_mask"])
-    targets = labels[:, 1:]
+    targets = next_token(labels, IGNORE_INDEX)
     w = (targets != IGNORE_INDEX).astype(jnp.float32)
-    return token_cross_entropy(logits[:, :-1], jnp.where(targets == IGNORE_INDEX, 0, targets), w)
+    return token_cross_entropy(logits, jnp.where(targets == IGNORE_INDEX, 0, targets), w)
 
 
 def make_loss(cfg):

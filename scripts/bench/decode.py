@@ -21,20 +21,17 @@ Contenders run in separate processes, interleaved round by round (common.py).  B
 headline generate() numbers, llama_jax contenders also time prefill and the decode while-loop
 separately (--split), which is where the per-step cost shows.
 
-Diagnostic contenders (names starting "diag-") are NOT llama_jax as shipped: they re-run the same
-model with one change in the decode loop, to measure what a fix would buy:
-    diag-hoisted-*: per-layer weight slices taken once, before the while_loop (the shipped loop slices
-                    the layer-stacked weights inside the loop body, and XLA copies each slice every step);
-    diag-kvsplit-*: the same, and the KV cache kept as one buffer per layer inside the loop (the
-                    shipped loop slices layer i out of the stacked [L, B, S, K, D] cache: another
-                    copy per layer per step, which grows with batch and cache length).
+The decode loop as shipped slices the layer-stacked weights once per call on CPU
+(`generate.hoist_default`) and keeps one KV buffer per layer in [B, kv_heads, S, head_dim], read in
+place by the attention (earlier diagnostic contenders measured both changes before they shipped).
+Probe contenders (names starting "probe-") time only the step's weight matmuls, the floor for
+any decode loop built from XLA:CPU dots.
 
     .venv/bin/python scripts/bench/decode.py [--contenders ...] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import shutil
 import sys
@@ -55,19 +52,11 @@ CONTENDERS = {
     "jax-fp32": ("jax", "float32", "llama_jax.generate, fp32 (scan_layers=True)"),
     "jax-bf16": ("jax", "bfloat16", "llama_jax.generate, bf16 params + compute + KV cache"),
     "jax-fp32-noscan": ("jax", "float32", "llama_jax.generate, fp32, scan_layers=False"),
-    "diag-hoisted-fp32": ("diag", "float32", "DIAGNOSTIC fp32: per-layer weight slices hoisted out of the loop"),
-    "diag-kvsplit-fp32": ("diag", "float32", "DIAGNOSTIC fp32: hoisted weights + one KV buffer per layer"),
-    "diag-kvsplit-bf16": ("diag", "bfloat16", "DIAGNOSTIC bf16: hoisted weights + one KV buffer per layer"),
-    "diag-kvlayout-fp32": ("diag", "float32", "DIAGNOSTIC fp32: hoisted weights + per-layer KV buffers stored "
-                                              "[B, K, S, D], attention reads them in place"),
-    "diag-kvlayout-bf16": ("diag", "bfloat16", "DIAGNOSTIC bf16: as diag-kvlayout-fp32"),
-    "diag-kvlayout-fp32-eigen": ("diag", "float32", "DIAGNOSTIC fp32: as diag-kvlayout-fp32, YNNPACK fusions off "
-                                                    "(Eigen dots)", NO_YNN),
     "jax-fp32-eigen": ("jax", "float32", "llama_jax.generate, fp32, YNNPACK fusions off (Eigen dots)", NO_YNN),
     "probe-mm": ("mm", "float32", "PROBE: only the step's weight matmuls (56 + lm_head), 127 steps in a fori_loop"),
     "probe-mm-eigen": ("mm", "float32", "PROBE: as probe-mm, YNNPACK fusions off (Eigen dots)", NO_YNN),
 }
-DEFAULT_CONTENDERS = "hf,jax-fp32,jax-bf16,diag-kvlayout-fp32,diag-kvlayout-fp32-eigen,probe-mm,probe-mm-eigen"
+DEFAULT_CONTENDERS = "hf,jax-fp32,jax-fp32-eigen,jax-bf16,probe-mm,probe-mm-eigen"
 
 
 def prompts():
@@ -90,101 +79,6 @@ def bytes_per_step(cfg, batch: int, itemsize: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- llama_jax workers
-def _diag_decode_fn(kv_split: bool, kv_layout: bool = False):
-    """Greedy decode with the per-layer weights sliced ONCE before the while_loop (diagnostic).
-    kv_split: also keep the KV cache as one buffer per layer (no per-step slice of the stacked
-    [L, B, S, K, D] cache).  The layers themselves are llama_jax's Block modules, unchanged.
-    kv_layout (implies kv_split): per-layer caches stored [B, K, S, D] and the block's attention
-    written out (same projections / RoPE / norms / MLP modules, fp32 softmax) so that the score
-    and value matmuls read the cache in place instead of transposing it every step."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from llama_jax.model import AttnInputs, Cache, apply_rope, make_mask, rope_cos_sin
-
-    def block_bksd(blk, x, cos, sin, mask, kc, vc, index):
-        a = blk.self_attn
-        B = x.shape[0]
-        N, K, D = a.num_heads, a.num_kv_heads, a.head_dim
-        h = blk.input_layernorm(x)
-        q = a.q_proj(h).reshape(B, 1, N, D)
-        k = a.k_proj(h).reshape(B, 1, K, D)
-        v = a.v_proj(h).reshape(B, 1, K, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kc = jax.lax.dynamic_update_slice(kc, k.transpose(0, 2, 1, 3).astype(kc.dtype), (0, 0, index, 0))
-        vc = jax.lax.dynamic_update_slice(vc, v.transpose(0, 2, 1, 3).astype(vc.dtype), (0, 0, index, 0))
-        qg = q.reshape(B, K, N // K, D)
-        sc = jnp.einsum("bkgd,bksd->bkgs", qg, kc.astype(q.dtype), preferred_element_type=jnp.float32)
-        sc = jnp.where(mask[:, :, 0, None, :], sc * (D ** -0.5), jnp.finfo(jnp.float32).min)  # mask [B,1,1,S]
-        pr = jax.nn.softmax(sc, axis=-1).astype(q.dtype)
-        o = jnp.einsum("bkgs,bksd->bkgd", pr, vc.astype(q.dtype)).reshape(B, 1, N * D)
-        x = x + a.o_proj(o)
-        x = x + blk.mlp(blk.post_attention_layernorm(x))
-        return x, kc, vc
-
-    @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
-    def decode_hoisted(graphdef, state, cache, logits, positions, n_new):
-        model = nnx.merge(graphdef, state)
-        cfg = model.config
-        L = cfg.num_hidden_layers
-        layer_gd, layer_params = nnx.split(model.layers)
-        per_layer = [jax.tree.map(lambda a, i=i: a[i], layer_params) for i in range(L)]
-        B = logits.shape[0]
-
-        def forward(tok, pos, kv, seg_ids, pos_ids, index):
-            # == Llama.__call__(tok[:, None], positions=pos, segment_ids=1, cache=...) for one token
-            seg = jnp.ones((B, 1), jnp.int32)
-            pos = pos[:, None]
-            seg_all = jax.lax.dynamic_update_slice(seg_ids, seg, (0, index))
-            pos_all = jax.lax.dynamic_update_slice(pos_ids, pos, (0, index))
-            attn = AttnInputs(make_mask(seg, pos, seg_all, pos_all), index)
-            x = model.embed_tokens(tok[:, None])
-            cos, sin = rope_cos_sin(cfg, pos, x.dtype, pos_all)
-            if kv_layout:  # kv = ([L] k buffers [B, K, S, D], [L] v buffers)
-                ks, vs = list(kv[0]), list(kv[1])
-                for i, p in enumerate(per_layer):
-                    x, ks[i], vs[i] = block_bksd(nnx.merge(layer_gd, p), x, cos, sin, attn.mask, ks[i], vs[i], index)
-                kv = (tuple(ks), tuple(vs))
-            elif kv_split:  # kv = ([L] k buffers [1, B, S, K, D], [L] v buffers): layer i sees index 0
-                ks, vs = list(kv[0]), list(kv[1])
-                for i, p in enumerate(per_layer):
-                    x, (ks[i], vs[i], _) = nnx.merge(layer_gd, p)(x, cos, sin, attn, (ks[i], vs[i], 0), None)
-                kv = (tuple(ks), tuple(vs))
-            else:
-                ck, cv = kv
-                for i, p in enumerate(per_layer):
-                    x, (ck, cv, _) = nnx.merge(layer_gd, p)(x, cos, sin, attn, (ck, cv, i), None)
-                kv = (ck, cv)
-            lg = model.project(model.norm(x))
-            return lg[:, -1], kv, seg_all, pos_all
-
-        def body(step, c):
-            out, kv, seg_ids, pos_ids, logits, pos = c
-            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            out = out.at[:, step].set(tok)
-            logits, kv, seg_ids, pos_ids = forward(tok, pos, kv, seg_ids, pos_ids, cache.index + step)
-            return out, kv, seg_ids, pos_ids, logits, pos + 1
-
-        kv = (cache.k, cache.v)
-        if kv_layout:
-            kv = (tuple(cache.k[i].transpose(0, 2, 1, 3) for i in range(L)),
-                  tuple(cache.v[i].transpose(0, 2, 1, 3) for i in range(L)))
-        elif kv_split:
-            kv = (tuple(cache.k[i:i + 1] for i in range(L)), tuple(cache.v[i:i + 1] for i in range(L)))
-        out = jnp.zeros((B, n_new), jnp.int32)
-        c = (out, kv, cache.segment_ids, cache.positions, logits, positions)
-        out, kv, seg_ids, pos_ids, logits, _ = jax.lax.fori_loop(0, n_new - 1, body, c)
-        out = out.at[:, n_new - 1].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        if kv_layout:
-            kv = (jnp.stack([k.transpose(0, 2, 1, 3) for k in kv[0]]), jnp.stack([v.transpose(0, 2, 1, 3) for v in kv[1]]))
-        elif kv_split:
-            kv = (jnp.concatenate(kv[0]), jnp.concatenate(kv[1]))
-        return out, Cache(kv[0], kv[1], seg_ids, pos_ids, cache.index + n_new - 1)
-
-    return decode_hoisted
-
-
 def _jax_setup(spec):
     import jax
     import jax.numpy as jnp
@@ -192,14 +86,12 @@ def _jax_setup(spec):
     from flax import nnx
 
     import llama_jax
-    from llama_jax.generate import SamplingParams, decode, left_pad, prefill
+    from llama_jax.generate import SamplingParams, decode, hoist_default, left_pad, prefill
     from llama_jax.model import Cache
 
     model = llama_jax.load(spec["ckpt"], dtype=spec["dtype"], scan_layers=spec.get("scan_layers", True))
     cfg = model.config
     P = prompts()
-    diag = spec["kind"] == "diag"
-    decode_hoisted = _diag_decode_fn(spec.get("kv_split", False), spec.get("kv_layout", False)) if diag else None
     graphdef, state = nnx.split(model)
 
     def split_run(b):
@@ -212,19 +104,14 @@ def _jax_setup(spec):
         jax.block_until_ready(logits)
         t1 = time.perf_counter()
         positions = jnp.asarray(mask.sum(-1), jnp.int32)
-        if diag:
-            out, _ = decode_hoisted(graphdef, state, cache, logits, positions, NEW_TOKENS)
-        else:
-            sp = SamplingParams(NEW_TOKENS, 0.0, 0, 1.0)
-            out, _ = decode(graphdef, state, cache, logits, positions, jax.random.key(0), sp, (), 0, None)
+        sp = SamplingParams(NEW_TOKENS, 0.0, 0, 1.0)
+        out, _ = decode(graphdef, state, cache, logits, positions, jax.random.key(0), sp, (), 0, None,
+                        hoist_layers=hoist_default())
         out = np.asarray(out)
         t2 = time.perf_counter()
         return out, t1 - t0, t2 - t1
 
     def generate(b):
-        if diag:
-            out, _, _ = split_run(b)
-            return out
         return np.asarray(llama_jax.generate(model, [list(r) for r in P[:b]], max_new_tokens=NEW_TOKENS,
                                              temperature=0.0, eos_ids=[]))
 
@@ -353,7 +240,7 @@ def _ckpt_setup(spec):
 
 
 def _worker_setup(spec):
-    return {"hf": _hf_setup, "jax": _jax_setup, "diag": _jax_setup, "bw": _bw_setup, "ckpt": _ckpt_setup,
+    return {"hf": _hf_setup, "jax": _jax_setup, "bw": _bw_setup, "ckpt": _ckpt_setup,
             "mm": _mm_setup}[spec["kind"]](spec)
 
 
@@ -389,8 +276,7 @@ def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, quiet_wait_
         for name in names:
             kind, dtype, _, *flags = CONTENDERS[name]
             spec = {"kind": kind, "ckpt": ckpt, "dtype": dtype, "split": split,
-                    "scan_layers": not name.endswith("noscan"), "kv_split": "kvsplit" in name,
-                    "kv_layout": "kvlayout" in name}
+                    "scan_layers": not name.endswith("noscan")}
             workers.append(common.Worker(name, __file__, spec, env={"XLA_FLAGS": flags[0] if flags else ""}, log=log))
         for w in workers:
             ready[w.name] = w.wait_ready()
