@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from .data.chat import Conversation, get_template
-from .generate import SamplingParams, _TextStreamer, decode, hoist_default, prefill
+from .generate import SamplingParams, _TextStreamer, decoder, prefill
 from .model import Cache
 
 PAD_MULTIPLE = 16  # new-turn lengths are padded to few shapes, so turns rarely recompile
@@ -85,9 +85,10 @@ class ChatSession:
         self.rng, key = jax.random.split(self.rng)
         if self.streamer is not None:
             self.streamer.ids, self.streamer.printed = [], 0
-        out, self.cache = decode(self.graphdef, self.state, self.cache, logits,
+        dec, hoist = decoder()
+        out, self.cache = dec(self.graphdef, self.state, self.cache, logits,
                                  jnp.asarray([self.next_pos], jnp.int32), key, self.sp, tuple(self.eos), 0,
-                                 self.streamer, hoist_layers=hoist_default())
+                                 self.streamer, hoist_layers=hoist)
         toks = np.asarray(out)[0].tolist()
         resp = []
         for t in toks:

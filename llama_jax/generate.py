@@ -28,10 +28,19 @@ class SamplingParams:
     top_p: float = 1.0         # 1 = off
 
 
+def first_argmax(x):
+    """jnp.argmax over the last axis (first index of the maximum), as int32, written as two plain
+    reductions: XLA:CPU runs argmax's (value, index) reduction as a scalar loop, ~1 ms per decode
+    step for [16, 4096] logits vs ~0.1 ms for this form (same result, ties included)."""
+    V = x.shape[-1]
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1), V - 1)
+
+
 def sample_token(logits, rng, sp: SamplingParams):
     """logits [B, V] float32 -> token ids [B]."""
     if sp.temperature <= 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     logits = logits / sp.temperature
     if sp.top_k and sp.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, sp.top_k)[0][:, -1:]
@@ -43,7 +52,8 @@ def sample_token(logits, rng, sp: SamplingParams):
         keep = (jnp.cumsum(probs, axis=-1) - probs) < sp.top_p
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    # = jax.random.categorical(rng, logits): the same Gumbel draw, a faster argmax
+    return first_argmax(logits + jax.random.gumbel(rng, logits.shape, logits.dtype))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
@@ -55,24 +65,14 @@ def prefill(graphdef, state, input_ids, attention_mask, cache: Cache, positions=
     return logits[:, -1], cache
 
 
-def hoist_default() -> bool:
-    """Slice the layer-stacked weights once per decode call instead of every step?  On XLA:CPU a
-    slice of a stacked weight feeding a dot is copied each time it runs (measured 4x slower per
-    matmul than separate arrays, docs/benchmarks.md), so on CPU decode takes per-layer copies: one
-    extra copy of the weights in host RAM for the duration of the call.  Accelerators (where HBM is
-    the limit and the slice fuses into the matmul) keep slicing in the loop."""
-    return jax.default_backend() == "cpu"
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9), static_argnames=("hoist_layers",),
-                   donate_argnums=(2,))
-def decode(graphdef, state, cache: Cache, logits, positions, rng, sp: SamplingParams, eos_ids: tuple,
-           pad_id: int, stream: Callable | None, *, hoist_layers: bool = False):
+def _decode(graphdef, state, cache: Cache, logits, positions, rng, sp: SamplingParams, eos_ids: tuple,
+            pad_id: int, stream: Callable | None, *, hoist_layers: bool = False):
     """Sample from `logits`, then feed each new token back until max_new_tokens or all rows hit EOS.
 
     positions [B]: the position of the next token of each row.  Returns (tokens [B, N], cache); the
     cache holds every sampled token but the last one sampled (a caller continuing the sequence
-    feeds that one first).  hoist_layers: see `hoist_default`."""
+    feeds that one first).  hoist_layers: slice the layer-stacked weights once, before the loop
+    (see `decoder`)."""
     model = nnx.merge(graphdef, state)
     layer_params = model.layer_params() if hoist_layers else None
     B = logits.shape[0]
@@ -105,6 +105,35 @@ def decode(graphdef, state, cache: Cache, logits, positions, rng, sp: SamplingPa
     init = (jnp.int32(1), out, done, cache, tok, positions.astype(jnp.int32), rng)
     _, out, _, cache, *_ = jax.lax.while_loop(cond, body, init)
     return out, cache
+
+
+_JIT = dict(static_argnums=(0, 6, 7, 8, 9), static_argnames=("hoist_layers",), donate_argnums=(2,))
+decode = jax.jit(_decode, **_JIT)
+# XLA:CPU: Eigen's dot kernels beat the YNNPACK fusions on decode's [batch, d] x [d, f] shapes
+# (batch 8: 1.81x vs 1.40x HF, docs/benchmarks.md), so the CPU decoder is compiled without them.
+CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_decode_cpu = jax.jit(_decode, compiler_options=CPU_DECODE_OPTIONS, **_JIT)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_options_supported() -> bool:
+    """Whether this jaxlib knows CPU_DECODE_OPTIONS (an unknown option fails the compile)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_DECODE_OPTIONS).lower(jnp.float32(0)).compile()
+        return True
+    except Exception:  # noqa: BLE001 - any rejection means: compile without the options
+        return False
+
+
+def decoder() -> tuple[Callable, bool]:
+    """(jitted decode, hoist_layers) for the default backend.  On CPU the layer-stacked weights are
+    sliced once per call (XLA:CPU copies a slice of a stacked weight every time a loop step reads
+    it: 4x slower per matmul, docs/benchmarks.md; this costs one extra copy of the weights in host
+    RAM for the call) and the dots go to Eigen.  Accelerators, where HBM is the limit and the
+    slice fuses into the matmul, keep slicing inside the loop."""
+    if jax.default_backend() != "cpu":
+        return decode, False
+    return (_decode_cpu if _cpu_options_supported() else decode), True
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 8):
@@ -154,8 +183,9 @@ def generate(model: Llama, prompts, tokenizer=None, *, max_new_tokens: int = 64,
     cache = Cache.init(cfg, B, T + max_new_tokens)
     logits, cache = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache)
     positions = jnp.asarray(mask.sum(-1), jnp.int32)
-    out, _ = decode(graphdef, state, cache, logits, positions, jax.random.key(seed), sp, eos, int(pad_id), cb,
-                    hoist_layers=hoist_default())
+    dec, hoist = decoder()
+    out, _ = dec(graphdef, state, cache, logits, positions, jax.random.key(seed), sp, eos, int(pad_id), cb,
+                 hoist_layers=hoist)
     out = np.asarray(out)
     if cb is not None:
         jax.effects_barrier()

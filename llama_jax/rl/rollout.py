@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..generate import SamplingParams, decode, hoist_default, prefill
+from ..generate import SamplingParams, decoder, prefill
 from ..model import Cache
 from . import ppo_math
 
@@ -59,8 +59,9 @@ def sample_responses(graphdef, state, cfg, prompt_ids, prompt_mask, rng, *, max_
     logits, cache = prefill(graphdef, state, prompt_ids, prompt_mask, cache)
     positions = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     sp = SamplingParams(int(max_new_tokens), float(temperature), 0, 1.0)
-    tokens, _ = decode(graphdef, state, cache, logits, positions, rng, sp, tuple(eos_ids), int(pad_id), None,
-                       hoist_layers=hoist_default())
+    dec, hoist = decoder()
+    tokens, _ = dec(graphdef, state, cache, logits, positions, rng, sp, tuple(eos_ids), int(pad_id), None,
+                    hoist_layers=hoist)
     return tokens
 
 

@@ -22,7 +22,7 @@ headline generate() numbers, llama_jax contenders also time prefill and the deco
 separately (--split), which is where the per-step cost shows.
 
 The decode loop as shipped slices the layer-stacked weights once per call on CPU
-(`generate.hoist_default`) and keeps one KV buffer per layer in [B, kv_heads, S, head_dim], read in
+(`generate.decoder`) and keeps one KV buffer per layer in [B, kv_heads, S, head_dim], read in
 place by the attention (earlier diagnostic contenders measured both changes before they shipped).
 Probe contenders (names starting "probe-") time only the step's weight matmuls, the floor for
 any decode loop built from XLA:CPU dots.
@@ -86,7 +86,7 @@ def _jax_setup(spec):
     from flax import nnx
 
     import llama_jax
-    from llama_jax.generate import SamplingParams, decode, hoist_default, left_pad, prefill
+    from llama_jax.generate import SamplingParams, decoder, left_pad, prefill
     from llama_jax.model import Cache
 
     model = llama_jax.load(spec["ckpt"], dtype=spec["dtype"], scan_layers=spec.get("scan_layers", True))
@@ -105,8 +105,8 @@ def _jax_setup(spec):
         t1 = time.perf_counter()
         positions = jnp.asarray(mask.sum(-1), jnp.int32)
         sp = SamplingParams(NEW_TOKENS, 0.0, 0, 1.0)
-        out, _ = decode(graphdef, state, cache, logits, positions, jax.random.key(0), sp, (), 0, None,
-                        hoist_layers=hoist_default())
+        dec, hoist = decoder()
+        out, _ = dec(graphdef, state, cache, logits, positions, jax.random.key(0), sp, (), 0, None, hoist_layers=hoist)
         out = np.asarray(out)
         t2 = time.perf_counter()
         return out, t1 - t0, t2 - t1

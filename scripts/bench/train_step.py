@@ -89,6 +89,7 @@ def _jax_setup(spec):
     from flax import nnx
 
     import llama_jax
+    from llama_jax.stages.common import next_token, token_cross_entropy
 
     runtime = dict(spec["runtime"])
     loss_kind, attn_kind = runtime.pop("_loss", "full"), runtime.pop("_attn", "lib")
@@ -104,11 +105,13 @@ def _jax_setup(spec):
         model = nnx.merge(graphdef, params)
         if loss_kind == "hidden":  # diagnostic: same loss, lm_head only on the T-1 predicting positions
             logits = model.project(model(ids, return_hidden=True)[:, :-1])
-        else:
-            logits = model(ids)[:, :-1]  # float32 [B, T-1, V]
-        tgt = ids[:, 1:]
-        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        return jnp.mean(nll)
+            tgt = ids[:, 1:]
+            nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+            return jnp.mean(nll)
+        # the pretraining stage's loss: all T logits against next_token targets, last position weight 0
+        w = jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0)
+        total, n = token_cross_entropy(model(ids), next_token(ids), w)
+        return total / n
 
     def train_step(params, opt_state, ids):
         loss, grads = jax.value_and_grad(loss_fn)(params, ids)
