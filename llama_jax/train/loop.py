@@ -173,10 +173,14 @@ def build_train_step(loss_fn: Callable, model, tc: dict, mesh, trainable=nnx.Par
             a_acc = {k: a_acc[k] + aux[k] for k in a_acc} if a_acc else aux
             return (g_acc, s_acc + s, w_acc + w, a_acc), None
 
-        zeros = jax.tree.map(jnp.zeros_like, st["params"])
-        _, (_, aux0) = jax.eval_shape(micro_loss, st["params"], frz, jax.tree.map(lambda x: x[0], batch), rng)
-        a0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in aux0.items()}
-        (g, s, w, aux), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, a0), (jnp.arange(accum), batch))
+        if accum == 1:  # no accumulator: a zero-filled copy of every gradient is a pass over the model
+            (s, (w, aux)), g = grad_fn(st["params"], frz, jax.tree.map(lambda x: x[0], batch),
+                                       jax.random.fold_in(rng, 0), st["step"] + 1)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, st["params"])
+            _, (_, aux0) = jax.eval_shape(micro_loss, st["params"], frz, jax.tree.map(lambda x: x[0], batch), rng)
+            a0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in aux0.items()}
+            (g, s, w, aux), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, a0), (jnp.arange(accum), batch))
         w = jnp.maximum(w, 1.0)
         grads = jax.tree.map(lambda x: x / w, g)
         loss = s / w
