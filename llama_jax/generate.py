@@ -56,11 +56,19 @@ def sample_token(logits, rng, sp: SamplingParams):
     return first_argmax(logits + jax.random.gumbel(rng, logits.shape, logits.dtype))
 
 
+def _inference(graphdef, state):
+    """The model for generation: always in eval mode (LoRA dropout off), whatever mode it was split
+    in; a sampling loop must not draw dropout masks (nor mutate their RNG counters inside it)."""
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
 def prefill(graphdef, state, input_ids, attention_mask, cache: Cache, positions=None):
     """Run the prompt through the model, filling the cache from its index (positions default to
     cumsum(mask) - 1, i.e. a fresh sequence); returns (last logits [B, V], cache)."""
-    model = nnx.merge(graphdef, state)
+    model = _inference(graphdef, state)
     logits, cache = model(input_ids, attention_mask, positions, cache=cache, last_only=True)
     return logits[:, -1], cache
 
@@ -73,7 +81,7 @@ def _decode(graphdef, state, cache: Cache, logits, positions, rng, sp: SamplingP
     cache holds every sampled token but the last one sampled (a caller continuing the sequence
     feeds that one first).  hoist_layers: slice the layer-stacked weights once, before the loop
     (see `decoder`)."""
-    model = nnx.merge(graphdef, state)
+    model = _inference(graphdef, state)
     layer_params = model.layer_params() if hoist_layers else None
     B = logits.shape[0]
     N = sp.max_new_tokens

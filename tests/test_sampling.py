@@ -41,3 +41,33 @@ def test_top_k_and_top_p_supports_and_frequencies():
     assert set(_draws(probs, SamplingParams(1, 1.0, 0, 0.81)).tolist()) == {0, 1, 2}
     freq = np.bincount(_draws(probs, SamplingParams(1, 1.0)), minlength=4) / 4000
     np.testing.assert_allclose(freq, probs, atol=0.03)
+
+
+def test_generation_runs_lora_models_in_eval_mode():
+    """A LoRA model with dropout, left in training mode: generate() must not draw dropout masks
+    (it did, and with weights sliced once per call it could not mutate the dropout counters)."""
+    import llama_jax
+    from flax import nnx
+
+    from llama_jax import lora
+
+    cfg = llama_jax.preset("toy", vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128)
+    m = llama_jax.init_model(cfg, 0)
+    lora.apply(m, rank=4, alpha=8, dropout=0.1)
+    key = jax.random.key(5)
+
+    def nonzero_b(path, x):  # B starts at zero; make the adapters matter
+        name = jax.tree_util.keystr(path)
+        return jax.random.normal(jax.random.fold_in(key, len(name)), x.shape, x.dtype) * 0.5 if "'b'" in name else x
+
+    nnx.update(m, jax.tree_util.tree_map_with_path(nonzero_b, nnx.state(m)))
+    prompts = [[1, 5, 9, 22], [1, 7], [1, 3, 4, 5, 6, 7, 8]]
+    out = llama_jax.generate(m, prompts, max_new_tokens=6, temperature=0.0, eos_ids=[])
+    assert llama_jax.generate(m, prompts, max_new_tokens=6, temperature=0.0, eos_ids=[]) == out
+    m.eval()
+    for p, o in zip(prompts, out):  # the uncached eval-mode forward, one token at a time
+        seq = list(p)
+        for _ in range(6):
+            seq.append(int(jnp.argmax(m(jnp.asarray([seq]))[0, -1])))
+        assert seq[len(p):] == o
