@@ -226,6 +226,11 @@ REMAT = {
 }
 
 
+def _layer(stacked, i: int):
+    """Layer i's parameters out of the layer-stacked state."""
+    return jax.tree.map(lambda a: a[i], stacked)
+
+
 def make_mask(q_seg, q_pos, k_seg, k_pos):
     """[B, 1, T, S]: same non-zero segment and key position <= query position."""
     same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
@@ -262,7 +267,7 @@ class Llama(nnx.Module):
             # CPU), else layer i is sliced here.
             ks, vs = list(cache.k), list(cache.v)
             for i in range(cfg.num_hidden_layers):
-                p = layer_params[i] if layer_params is not None else jax.tree.map(lambda a: a[i], params)
+                p = layer_params[i] if layer_params is not None else _layer(params, i)
                 x, (ks[i], vs[i]) = nnx.merge(graphdef, p)(x, cos, sin, attn, (ks[i], vs[i]), mesh)
             return x, tuple(ks), tuple(vs)
 
@@ -276,14 +281,14 @@ class Llama(nnx.Module):
             x, _ = jax.lax.scan(body, x, params)
         else:
             for i in range(cfg.num_hidden_layers):
-                x, _ = body(x, jax.tree.map(lambda a: a[i], params))
+                x, _ = body(x, _layer(params, i))
         return x, None, None
 
     def layer_params(self):
         """Per-layer parameter states (copies of the stacked slices): what `__call__(...,
         layer_params=)` takes, so a decode loop slices the stacked weights once, not every step."""
         _, params = nnx.split(self.layers)
-        return [jax.tree.map(lambda a: a[i], params) for i in range(self.config.num_hidden_layers)]
+        return [_layer(params, i) for i in range(self.config.num_hidden_layers)]
 
     def __call__(self, input_ids, attention_mask=None, positions=None, *, segment_ids=None,
                  cache: Cache | None = None, return_hidden: bool = False, last_only: bool = False,

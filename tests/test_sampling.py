@@ -65,6 +65,15 @@ def test_generation_runs_lora_models_in_eval_mode():
     prompts = [[1, 5, 9, 22], [1, 7], [1, 3, 4, 5, 6, 7, 8]]
     out = llama_jax.generate(m, prompts, max_new_tokens=6, temperature=0.0, eos_ids=[])
     assert llama_jax.generate(m, prompts, max_new_tokens=6, temperature=0.0, eos_ids=[]) == out
+    # the decoder that slices weights inside the loop (accelerators) samples the same tokens
+    from llama_jax.generate import Cache, SamplingParams as SP, decode, left_pad, prefill
+
+    ids, mask = left_pad(prompts, 0)
+    gd, state = nnx.split(m)
+    lg, cache = prefill(gd, state, jnp.asarray(ids), jnp.asarray(mask), Cache.init(cfg, 3, ids.shape[1] + 6))
+    toks, _ = decode(gd, state, cache, lg, jnp.asarray(mask.sum(-1), jnp.int32), jax.random.key(0), SP(6),
+                     (), 0, None, hoist_layers=False)
+    assert np.asarray(toks).tolist() == out
     m.eval()
     for p, o in zip(prompts, out):  # the uncached eval-mode forward, one token at a time
         seq = list(p)
