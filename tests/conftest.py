@@ -17,3 +17,14 @@ def data_dir():
     if not DATA.exists():
         pytest.skip(f"shared data not found at {DATA} (set LLAMA_JAX_DATA)")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as an HF directory (float32), built once per machine (tests/real_models.py)."""
+    from real_models import smollm2_hf_dir
+
+    try:
+        return smollm2_hf_dir()
+    except FileNotFoundError as e:
+        pytest.fail(f"SmolLM2 is part of the test extra and must be installed: {e}")
