@@ -145,6 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None)
     c.set_defaults(func=lambda a: __import__("llama_jax.chat", fromlist=["run_chat"]).run_chat(a))
 
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (docs/serve.md)")
+    sv.add_argument("--model", required=True, help="HF dir or llama_jax checkpoint")
+    sv.add_argument("--adapter", default=None, metavar="PEFT_DIR", help="PEFT LoRA adapter, merged at load")
+    sv.add_argument("--tokenizer", help="tokenizer dir or tokenizer.model (default: the model dir)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=16, help="slots: requests decoded together")
+    sv.add_argument("--max-length", type=int, default=4096, help="tokens per slot, prompt + reply (capped at "
+                    "the model's context)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: HTTP 429")
+    sv.add_argument("--prefill-buckets", default=None, metavar="N,N,...",
+                    help="prompt pad lengths compiled at start-up (default: 16, 32, 64, ... up to max-length)")
+    sv.add_argument("--template", default=None, help="chat template: llama2-chat, chinese-alpaca-2, alpaca, "
+                    "tokenizer (default: the one recorded in the model dir by export, else the tokenizer's own, "
+                    "else chinese-alpaca-2)")
+    sv.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the model dir's name)")
+    sv.set_defaults(func=lambda a: __import__("llama_jax.serve.server", fromlist=["run_serve"]).run_serve(a))
+
     d = sub.add_parser("demo", help="the whole pipeline (tokenizer -> pretrain -> SFT -> RM -> PPO) on a built-in task")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--data", default=None,

@@ -10,24 +10,31 @@ from .train.config import resolve_path
 def export(src: str | Path, out: str | Path, peft: bool = False, step: int | None = None) -> Path:
     import llama_jax
 
+    from .data.chat import TEMPLATE_FILE, recorded_template, template_record
+
     src = Path(src)
     run_cfg = src / "config.json"
     if (src / "checkpoints").is_dir() and run_cfg.exists():
         cfg = json.loads(run_cfg.read_text())
         model, tok = _model_from_run(cfg, src, step)
+        # the chat template the run trained with (SFT / DPO / RM / PPO data.template), for serve / chat
+        template = (cfg.get("data") or {}).get("template")
     else:  # an HF dir or a llama_jax checkpoint: a format conversion
         if peft:
             raise ValueError(f"{src}: --peft needs a LoRA training run directory")
         model, tok = llama_jax.load(src), (src if _has_tokenizer(src) else None)
+        template = recorded_template(src) if src.is_dir() else None
+    extra = {TEMPLATE_FILE: template_record(template)} if template else None
     from . import lora
 
     if peft:
         if not lora.has_lora(model):
             raise ValueError(f"{src}: this run did not train LoRA (lora.enabled is false); export without --peft")
-        return lora.save_peft(model, out, base_model_name_or_path=str(resolve_path(cfg, cfg["model"]["init"])))
+        return lora.save_peft(model, out, base_model_name_or_path=str(resolve_path(cfg, cfg["model"]["init"])),
+                              extra_files=extra)
     if lora.has_lora(model):
         model = lora.merge(model)
-    return llama_jax.save_hf(model, out, tokenizer=tok)
+    return llama_jax.save_hf(model, out, tokenizer=tok, extra_files=extra)
 
 
 def _has_tokenizer(d: Path) -> bool:

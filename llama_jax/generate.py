@@ -56,7 +56,39 @@ def sample_token(logits, rng, sp: SamplingParams):
     return first_argmax(logits + jax.random.gumbel(rng, logits.shape, logits.dtype))
 
 
-def _inference(graphdef, state):
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """Per-row sampling parameters (the server's slots): logits [B, V] float32, keys [B] (one
+    PRNG key per row), temperature / top_k / top_p [B] -> token ids [B].  A row with
+    temperature <= 0 is greedy (first_argmax, as sample_token); otherwise the same filters as
+    sample_token (top-k, then top-p on what top-k kept; top_k <= 0 or >= V and top_p >= 1 are
+    off), a Gumbel draw from the row's own key.  sample_token takes its parameters statically
+    (lax.top_k, no sort when a filter is off); here k varies per row, so one descending sort
+    serves both filters, and it runs only when some sampled row asks for a filter (lax.cond)."""
+    V = logits.shape[-1]
+    hot = temperature > 0
+    x = logits / jnp.where(hot, temperature, 1.0)[:, None]
+    k = jnp.where((top_k > 0) & (top_k < V), top_k, V).astype(jnp.int32)
+
+    def filtered(x):
+        srt = jnp.sort(x, axis=-1)[:, ::-1]
+        kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)
+        x = jnp.where(x < kth, -jnp.inf, x)
+        srt = jnp.where(jnp.arange(V)[None, :] < k[:, None], srt, -jnp.inf)
+        probs = jax.nn.softmax(srt, axis=-1)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+        cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(x < cutoff, -jnp.inf, x)
+
+    def sampled(x):
+        x = jax.lax.cond(jnp.any(hot & ((k < V) | (top_p < 1.0))), filtered, lambda x: x, x)
+        g = jax.vmap(lambda key: jax.random.gumbel(key, (V,), x.dtype))(keys)
+        return first_argmax(x + g)
+
+    greedy = first_argmax(logits)
+    return jnp.where(hot, jax.lax.cond(jnp.any(hot), sampled, lambda x: greedy, x), greedy)
+
+
+def inference_model(graphdef, state):
     """The model for generation: always in eval mode (LoRA dropout off), whatever mode it was split
     in; a sampling loop must not draw dropout masks (nor mutate their RNG counters inside it)."""
     model = nnx.merge(graphdef, state)
@@ -68,7 +100,7 @@ def _inference(graphdef, state):
 def prefill(graphdef, state, input_ids, attention_mask, cache: Cache, positions=None):
     """Run the prompt through the model, filling the cache from its index (positions default to
     cumsum(mask) - 1, i.e. a fresh sequence); returns (last logits [B, V], cache)."""
-    model = _inference(graphdef, state)
+    model = inference_model(graphdef, state)
     logits, cache = model(input_ids, attention_mask, positions, cache=cache, last_only=True)
     return logits[:, -1], cache
 
@@ -81,7 +113,7 @@ def _decode(graphdef, state, cache: Cache, logits, positions, rng, sp: SamplingP
     cache holds every sampled token but the last one sampled (a caller continuing the sequence
     feeds that one first).  hoist_layers: slice the layer-stacked weights once, before the loop
     (see `decoder`)."""
-    model = _inference(graphdef, state)
+    model = inference_model(graphdef, state)
     layer_params = model.layer_params() if hoist_layers else None
     B = logits.shape[0]
     N = sp.max_new_tokens
@@ -131,6 +163,14 @@ def _cpu_options_supported() -> bool:
         return True
     except Exception:  # noqa: BLE001 - any rejection means: compile without the options
         return False
+
+
+def decode_compiler_options() -> dict | None:
+    """CPU_DECODE_OPTIONS on CPU where this jaxlib knows them, else None: for other decode-shaped
+    jitted steps (the server's) that want the decoder's compiler settings."""
+    if jax.default_backend() == "cpu" and _cpu_options_supported():
+        return CPU_DECODE_OPTIONS
+    return None
 
 
 def decoder() -> tuple[Callable, bool]:

@@ -238,10 +238,11 @@ def hf_tensors(model: Llama, dtype=None) -> list[tuple[str, tuple, np.dtype, Any
 
 
 def save_hf(model: Llama, out_dir: str | os.PathLike, tokenizer=None, *, dtype=None,
-            max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
+            max_shard_bytes: int = 5 * 1024 ** 3, extra_files: dict[str, str] | None = None) -> Path:
     """Write an HF directory transformers loads: config.json, generation_config.json, safetensors
-    (sharded with model.safetensors.index.json when larger than max_shard_bytes), tokenizer files.
-    The directory appears only once complete (temporary directory, then rename)."""
+    (sharded with model.safetensors.index.json when larger than max_shard_bytes), tokenizer files,
+    `extra_files` (name -> text).  The directory appears only once complete (temporary directory,
+    then rename)."""
     from .lora import has_lora
 
     if has_lora(model):
@@ -293,6 +294,8 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, tokenizer=None, *, dtype=N
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

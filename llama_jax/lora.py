@@ -356,10 +356,11 @@ def _to_peft(arr, kind):
     return arr if kind in ("plain", "tied") else arr.T  # factors and kernels are stored transposed
 
 
-def save_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+def save_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+              extra_files: dict[str, str] | None = None) -> Path:
     """Write a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) that
     `peft.PeftModel.from_pretrained(hf_base_model, out_dir)` loads.  Atomic: written to a temporary
-    directory that is renamed into place when complete."""
+    directory that is renamed into place when complete.  extra_files: name -> text, written too."""
     from .hf import _host, _replace_dir
 
     cfg = lora_config(model)
@@ -409,6 +410,8 @@ def save_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str
     try:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2) + "\n")
         write_file(tmp / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

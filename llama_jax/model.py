@@ -129,6 +129,23 @@ def cached_attention(q, ck, cv, mask, scale):
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, D)
 
 
+def cache_write(buf, new, index, axis: int):
+    """Write `new` into the cache buffer `buf` (both batch-leading) at `index` along `axis`: one
+    column for every row (index a scalar, as generate's shared index) or each row at its own
+    (index [B], the server's slots, which hold sequences of different lengths)."""
+    if jnp.ndim(index) == 0:
+        at = [0] * buf.ndim
+        at[axis] = index
+        return jax.lax.dynamic_update_slice(buf, new, tuple(at))
+
+    def row(b, n, i):
+        at = [0] * b.ndim
+        at[axis - 1] = i
+        return jax.lax.dynamic_update_slice(b, n, tuple(at))
+
+    return jax.vmap(row)(buf, new, index)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, stack: int = 0):
         d, nq, nk, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -150,9 +167,8 @@ class Attention(nnx.Module):
             # Write this call's keys/values into this layer's own [B, K, S, D] buffers (in place: they
             # are loop carries), then attend to all slots reading the buffers as stored.
             ck, cv = kv_cache
-            at = (0, 0, attn.cache_index, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), at)
-            cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), at)
+            ck = cache_write(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), attn.cache_index, axis=2)
+            cv = cache_write(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), attn.cache_index, axis=2)
             kv_cache = (ck, cv)
             out = cached_attention(q, ck, cv, attn.mask, self.head_dim ** -0.5)
         else:
@@ -202,7 +218,7 @@ class Cache(NamedTuple):
     v: tuple
     segment_ids: jax.Array  # [B, S] int32, 0 = empty
     positions: jax.Array    # [B, S] int32
-    index: jax.Array        # int32 scalar: next slot to write
+    index: jax.Array        # int32 scalar: next column to write (all rows); or [B]: per row
 
     @classmethod
     def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> "Cache":
@@ -313,8 +329,8 @@ class Llama(nnx.Module):
         positions = positions.astype(jnp.int32)
 
         if cache is not None:
-            seg_all = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
-            pos_all = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
+            seg_all = cache_write(cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, axis=1)
+            pos_all = cache_write(cache.positions, positions, cache.index, axis=1)
             attn = AttnInputs(make_mask(segment_ids, positions, seg_all, pos_all), cache.index)
             longest = pos_all  # dynamic NTK: longest position in the cache, as HF
         else:

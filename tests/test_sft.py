@@ -60,7 +60,7 @@ def test_lora_sft_exports_merged_and_peft_with_same_logits(tmp_path, data_dir):
         f"model.init={tmp_path / 'base'}", "tokenizer=null", "train.steps=4", "train.log_every=2",
         "train.eval_every=0", "train.checkpoint_every=4", "train.progress=false", "mesh.fsdp=1",
         "data.max_length=128", "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2",
-        "data.batching=bucket"])
+        "data.batching=bucket", "data.template=llama2-chat"])
     r = sft.run_config(cfg, str(tmp_path / "run"))
     model = r["model"]
     model.eval()
@@ -68,6 +68,13 @@ def test_lora_sft_exports_merged_and_peft_with_same_logits(tmp_path, data_dir):
     ours = np.asarray(model(jnp.asarray(ids)))
     assert main(["export", "--model", r["run_dir"], "--out", str(tmp_path / "merged")]) == 0
     assert main(["export", "--model", r["run_dir"], "--out", str(tmp_path / "adapter"), "--peft"]) == 0
+    # both record the template the run trained with, which serve / chat then use by default
+    from llama_jax.data.chat import resolve_template
+
+    want = cfg["data"]["template"]
+    assert resolve_template(None, tmp_path / "merged")[0] == want
+    assert resolve_template(None, tmp_path / "adapter")[0] == want
+    assert resolve_template("alpaca", tmp_path / "merged")[0] == "alpaca"
     import peft
 
     merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()

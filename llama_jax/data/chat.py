@@ -547,6 +547,57 @@ def render(conv: Conversation, template: str | Template, tokenizer=None) -> str:
     return get_template(template).render(conv, tokenizer)
 
 
+def generation_prompt_ids(conv: Conversation, tokenizer, template: str | Template) -> list[int]:
+    """Token ids of a conversation that ends on a user turn, up to where the assistant's reply
+    starts: rendered with a placeholder reply so the template writes the generation prompt, which
+    is then cut off (PPO's prompts, the server's chat requests)."""
+    full = Conversation(conv.system, conv.messages + [(ASSISTANT, "x")], conv.inputs)
+    ex = get_template(template).exchanges(full, tokenizer)
+    return [i for p, r in ex[:-1] for i in p + r] + ex[-1][0]
+
+
+# A model directory records the chat template it was trained with (written by `llama-jax export`
+# from the run's data.template; read by `llama-jax serve` / `chat` when --template is not given).
+TEMPLATE_FILE = "llama_jax_chat.json"
+
+
+def template_record(name: str) -> str:
+    """The TEMPLATE_FILE text for template `name` (checked to be known)."""
+    get_template(name)
+    return json.dumps({"template": name}, indent=2) + "\n"
+
+
+def resolve_template(name: str | None, *model_dirs, tokenizer=None) -> tuple[str, str]:
+    """(template name, where it came from): `name` when given, else the one recorded in the first
+    of `model_dirs` (e.g. an adapter, then its base model) that has TEMPLATE_FILE, else the
+    tokenizer's own chat_template when it has one, else chinese-alpaca-2 (the SFT stage's default)."""
+    if name:
+        get_template(name)
+        return name, "--template"
+    for d in model_dirs:
+        rec = recorded_template(d) if d is not None else None
+        if rec:
+            return rec, f"{Path(d) / TEMPLATE_FILE}"
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer", "the tokenizer's chat_template"
+    return "chinese-alpaca-2", "the default"
+
+
+def recorded_template(model_dir) -> str | None:
+    """The template name recorded in `model_dir`/TEMPLATE_FILE, or None without the file."""
+    f = Path(model_dir) / TEMPLATE_FILE
+    if not f.is_file():
+        return None
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{f}: not valid JSON ({e})") from None
+    name = rec.get("template") if isinstance(rec, dict) else None
+    if not isinstance(name, str) or name not in TEMPLATES:
+        raise DataError(f"{f}: field 'template' is {name!r}; known: {', '.join(TEMPLATES)}")
+    return name
+
+
 # ----------------------------------------------------------------------------- encoding
 
 @dataclass

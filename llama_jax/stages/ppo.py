@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..data.chat import (ASSISTANT, USER, Conversation, RecordError, Stats, _alpaca_prompt, _history, _system,
+                         generation_prompt_ids,
                          get_template, iter_records, parse_messages)
 from ..data.packing import StepIndexedBatches
 from ..data.sources import DataError
@@ -117,14 +118,6 @@ def _prompt_conversation(rec, stats, source) -> Conversation:
     return Conversation(_system(rec), messages + [(USER, user)], inputs)
 
 
-def _prompt_ids(conv: Conversation, tok, template) -> list[int]:
-    """Token ids of the conversation up to where the assistant's reply starts: rendered with a
-    placeholder reply so the template writes the generation prompt, which is then cut off."""
-    full = Conversation(conv.system, conv.messages + [(ASSISTANT, "x")], conv.inputs)
-    ex = template.exchanges(full, tok)
-    return [i for p, r in ex[:-1] for i in p + r] + ex[-1][0]
-
-
 def load_prompts(cfg, tok) -> tuple[list[list[int]], Stats]:
     dc = cfg["data"]
     stats = Stats()
@@ -140,7 +133,7 @@ def load_prompts(cfg, tok) -> tuple[list[list[int]], Stats]:
             convs += [c for _, c in iter_records([resolve_path(cfg, f) for f in files], _prompt_conversation,
                                                  stats, dc["on_error"])]
         for c in convs:
-            ids = _prompt_ids(c, tok, template)
+            ids = generation_prompt_ids(c, tok, template)
             if len(ids) > int(dc["max_prompt_length"]):
                 stats.add("skipped_too_long")
                 continue
