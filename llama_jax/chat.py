@@ -2,17 +2,22 @@
 
 Each turn only the new user turn's tokens are run through the model (appended at the cache's
 index, positions continuing); the previous turns' keys and values stay in the cache.  When the
-cache would overflow, the history is re-encoded from the newest turns that fit.
+cache would overflow, the history is re-encoded from the newest turns that fit.  A reply is
+capped at the context left (said once per session); only a message that itself does not fit in
+max_length is refused.
 """
 from __future__ import annotations
 
+
+import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .data.chat import Conversation, get_template
+from .data.chat import Conversation, get_template, resolve_template
 from .generate import SamplingParams, _TextStreamer, decoder, prefill
 from .model import Cache
 
@@ -29,6 +34,7 @@ class ChatSession:
         self.eos = model.config.eos_token_ids or (tokenizer.eos_token_id,)
         self.streamer = _TextStreamer(tokenizer) if stream else None  # one object: no recompile per turn
         self.rng = jax.random.key(seed)
+        self.capped_said = False
         self.reset()
 
     def reset(self):
@@ -57,20 +63,26 @@ class ChatSession:
         self.next_pos += n
         return logits
 
+    @staticmethod
+    def _padded(n: int) -> int:
+        return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
+
     def _reencode(self, user: str) -> list[int]:
-        """Start a fresh cache holding the newest turns that fit, then this turn's prompt."""
+        """Start a fresh cache holding the newest turns that fit with a full reply after them (or,
+        when not even the new message alone leaves that much room, only the new message: its reply
+        is then capped at the context left), then this turn's prompt."""
         past = list(self.history)
-        budget = self.max_length - self.sp.max_new_tokens - PAD_MULTIPLE
         while True:
             ids = []
             for i, (u, resp) in enumerate(past):
                 ids += self._turn_ids(u, past[:i]) + resp
             ids += self._turn_ids(user, past)
-            if len(ids) <= budget or not past:
+            if self._padded(len(ids)) + self.sp.max_new_tokens <= self.max_length or not past:
                 break
             past = past[1:]
-        if len(ids) > budget:
-            raise ValueError(f"the message is too long for max_length={self.max_length}")
+        if self._padded(len(ids)) >= self.max_length:
+            raise ValueError(f"the message is too long: {len(ids)} tokens with the template leave no room to reply "
+                             f"within max_length={self.max_length}")
         self.history = past
         self.cache = Cache.init(self.model.config, 1, self.max_length)
         self.next_pos = 0
@@ -78,16 +90,26 @@ class ChatSession:
 
     def ask(self, user: str) -> str:
         ids = self.pending + self._turn_ids(user, self.history)
+        if int(self.cache.index) + self._padded(len(ids)) + self.sp.max_new_tokens > self.max_length:
+            ids = self._reencode(user)  # raises (keeping the session as it was) when the message cannot fit
         self.pending = []
-        if int(self.cache.index) + len(ids) + PAD_MULTIPLE + self.sp.max_new_tokens > self.max_length:
-            ids = self._reencode(user)
+        left = self.max_length - int(self.cache.index) - self._padded(len(ids))
+        sp = self.sp
+        if left < sp.max_new_tokens:
+            # cap the reply at the context left (a multiple of PAD_MULTIPLE, so few decode shapes compile)
+            n = left - left % PAD_MULTIPLE if left >= PAD_MULTIPLE else left
+            sp = dataclasses.replace(sp, max_new_tokens=n)
+            if not self.capped_said:
+                self.capped_said = True
+                print(f"chat: note: --max-new-tokens {self.sp.max_new_tokens} does not fit in the context left "
+                      f"(max_length={self.max_length}); replies are capped at the context left", file=sys.stderr)
         logits = self._prefill(ids)
         self.rng, key = jax.random.split(self.rng)
         if self.streamer is not None:
             self.streamer.ids, self.streamer.printed = [], 0
         dec, hoist = decoder()
         out, self.cache = dec(self.graphdef, self.state, self.cache, logits,
-                                 jnp.asarray([self.next_pos], jnp.int32), key, self.sp, tuple(self.eos), 0,
+                                 jnp.asarray([self.next_pos], jnp.int32), key, sp, tuple(self.eos), 0,
                                  self.streamer, hoist_layers=hoist)
         toks = np.asarray(out)[0].tolist()
         resp = []
@@ -112,7 +134,9 @@ def run_chat(args) -> int:
 
     model = llama_jax.load(args.model, dtype=args.dtype)
     tok = load_tokenizer(args.tokenizer or args.model)
-    s = ChatSession(model, tok, args.template, args.system, args.max_new_tokens, args.temperature, args.top_k,
+    template, source = resolve_template(args.template, args.model, tokenizer=tok)
+    print(f"chat template {template!r} (from {source})", file=sys.stderr)
+    s = ChatSession(model, tok, template, args.system, args.max_new_tokens, args.temperature, args.top_k,
                     args.top_p, args.seed)
     print("llama-jax chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.")
     while True:

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed, KV cache kept across turns)")
     c.add_argument("--model", required=True)
     c.add_argument("--tokenizer", help="tokenizer dir or tokenizer.model (default: the model dir)")
-    c.add_argument("--template", default="chinese-alpaca-2", help="llama2-chat, chinese-alpaca-2, alpaca, tokenizer")
+    c.add_argument("--template", default=None, help="llama2-chat, chinese-alpaca-2, alpaca, tokenizer (default: the "
+                   "one recorded in the model dir by export, else the tokenizer's own, else chinese-alpaca-2)")
     c.add_argument("--system", default=None, help="system prompt (default: the template's)")
     c.add_argument("--max-new-tokens", type=int, default=512)
     c.add_argument("--temperature", type=float, default=0.7)
