@@ -80,3 +80,55 @@ def test_generation_runs_lora_models_in_eval_mode():
         for _ in range(6):
             seq.append(int(jnp.argmax(m(jnp.asarray([seq]))[0, -1])))
         assert seq[len(p):] == o
+
+
+def test_per_row_sampling_matches_sample_token():
+    """sample_rows (the server's per-slot parameters, one batch mixing every kind of row) draws from
+    the same distribution as sample_token with those parameters statically: the same supports and
+    frequencies, through its top-k candidate path and its whole-vocabulary paths alike."""
+    from llama_jax.generate import FILTER_CANDIDATES, sample_rows
+
+    V, n = 200, 3000
+    rng = np.random.default_rng(0)
+    peaked = np.log(rng.dirichlet(np.full(V, 0.05)) + 1e-12).astype(np.float32)  # nucleus(0.8) well inside 64 tokens
+    flat = rng.normal(size=V).astype(np.float32) * 0.3                   # nucleus(0.9) beyond 64 tokens
+    cases = [(peaked, SamplingParams(1, 1.0, 2, 1.0)), (peaked, SamplingParams(1, 0.8, 0, 0.8)),
+             (flat, SamplingParams(1, 1.0, 0, 0.9)), (flat, SamplingParams(1, 1.0, 100, 1.0)),
+             (flat, SamplingParams(1, 1.0, 5, 0.5)), (peaked, SamplingParams(1, 0.7, 0, 1.0)),
+             (peaked, SamplingParams(1, 0.0, 0, 1.0))]
+    assert 100 > FILTER_CANDIDATES
+    logits = jnp.asarray(np.concatenate([np.tile(lg, (n, 1)) for lg, _ in cases]))
+    col = lambda f: jnp.asarray(np.repeat([f(sp) for _, sp in cases], n))  # noqa: E731
+    got = np.asarray(jax.jit(sample_rows)(logits, jax.random.split(jax.random.key(1), len(cases) * n),
+                                          col(lambda sp: sp.temperature), col(lambda sp: sp.top_k),
+                                          col(lambda sp: sp.top_p)))
+    for i, (lg, sp) in enumerate(cases):
+        ours = got[i * n:(i + 1) * n]
+        if sp.temperature == 0:
+            assert set(ours.tolist()) == {int(np.argmax(lg))}
+            continue
+        exact = _filtered_probs(lg, sp)  # numpy, by the definition
+        ref = np.asarray(sample_token(jnp.asarray(np.tile(lg, (n, 1))), jax.random.key(2), sp))
+        support = np.count_nonzero(exact)
+        for draws in (ours, ref):
+            assert set(draws.tolist()) <= set(np.flatnonzero(exact).tolist()), (i, sp)
+            l1 = np.abs(np.bincount(draws, minlength=V) / n - exact).sum()
+            assert l1 < 2.5 * np.sqrt(support / n) + 0.02, (i, sp, l1, support)
+
+
+def _filtered_probs(lg, sp):
+    x = lg.astype(np.float64) / sp.temperature
+    order = np.argsort(-x, kind="stable")
+    keep = np.zeros(len(x), bool)
+    k = sp.top_k if 0 < sp.top_k < len(x) else len(x)
+    keep[order[:k]] = True
+    p = np.where(keep, np.exp(x - x.max()), 0.0)
+    p /= p.sum()
+    if sp.top_p < 1:
+        ps = p[order]
+        before = np.cumsum(ps) - ps
+        keep2 = np.zeros(len(x), bool)
+        keep2[order[before < sp.top_p]] = True
+        p = np.where(keep2, p, 0.0)
+        p /= p.sum()
+    return p
