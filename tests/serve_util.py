@@ -26,6 +26,7 @@ class Server:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("XLA_FLAGS", None)  # one CPU device, as a user's server
+        env["JAX_LOG_COMPILES"] = "1"  # every compilation is logged: none may happen after start-up
         self.log_path = log_path
         self.log = open(log_path, "w")
         cmd = [sys.executable, "-m", "llama_jax.cli", "serve", "--port", str(self.port), *args]
@@ -46,9 +47,10 @@ class Server:
                 raise RuntimeError(f"serve did not answer within {timeout_s} s:\n{self.output()}")
             time.sleep(0.5)
 
-    def output(self) -> str:
+    def output(self, full: bool = False) -> str:
         self.log.flush()
-        return self.log_path.read_text()[-4000:]
+        text = self.log_path.read_text()
+        return text if full else text[-4000:]
 
     def health(self) -> dict:
         return httpx.get(self.base + "/health", timeout=10).json()

@@ -252,7 +252,10 @@ def test_max_tokens_is_capped_at_the_context_left(server):
     n = r["usage"]["completion_tokens"]
     assert r["choices"][0]["finish_reason"] == "stop" or n == MAX_LENGTH - len(ids)
     assert n <= MAX_LENGTH - len(ids)
-    assert "capped" in server.output()  # said once in the log
+    r = server.post("/v1/completions", {"prompt": ids, "max_tokens": 100000, "temperature": 0, "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == MAX_LENGTH - len(ids)  # the context left, exactly
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert server.output(full=True).count("capped") == 1  # said once in the log
 
 
 def test_full_queue_gets_429_and_everything_accepted_completes(server):
@@ -286,3 +289,10 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
         assert time.monotonic() < deadline, (before, h)
         time.sleep(0.1)
     assert server.post("/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_nothing_compiles_after_start_up(server):
+    """Every shape a request can take was compiled by the warm-up (JAX_LOG_COMPILES in the log)."""
+    log = server.output(full=True)
+    assert "Compiling" in log.split("listening on")[0]  # the flag works: the warm-up compiled
+    assert "Compiling" not in log.split("listening on")[1]

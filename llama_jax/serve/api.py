@@ -75,6 +75,7 @@ class Sampling:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False
 
 
 UNSUPPORTED = {  # field -> the value(s) meaning "off", which are accepted
@@ -109,7 +110,7 @@ def parse_sampling(body: dict, *, chat: bool) -> Sampling:
     so = _get(body, "stream_options", dict, {}) or {}
     return Sampling(mt, _number(body, "temperature", 1.0, 0.0, 2.0), _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
                     top_k, _get(body, "seed", int), tuple(stop), bool(_get(body, "stream", bool, False)),
-                    bool(so.get("include_usage", False)))
+                    bool(so.get("include_usage", False)), bool(_get(body, "ignore_eos", bool, False)))
 
 
 def _text_content(content, where: str) -> str:
@@ -217,7 +218,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, template=None, api
             ids = chat_prompt_ids(body, tokenizer, template) if chat else completion_prompt_ids(body, tokenizer)
             queue: asyncio.Queue[Event] = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            req = Request(ids, sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.stop,
+            req = Request(ids, sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.stop, sp.ignore_eos,
                           on_event=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
             try:
                 engine.submit(req)

@@ -89,6 +89,7 @@ class Request:
     top_k: int = 0
     seed: int | None = None            # None: a fresh random seed
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False           # generate through EOS (benchmarks: a fixed number of tokens)
     on_event: Callable[[Event], None] = lambda ev: None
     # set by the engine
     id: int = field(default_factory=lambda: next(_ids))
@@ -134,9 +135,12 @@ class Engine:
         self.layer_params = model.layer_params() if self.hoist else None
         B, S = cfg.max_batch, cfg.max_length
         self.buckets = cfg.buckets()
-        self.cache = Cache.init(mcfg, B, S)._replace(index=jnp.zeros((B,), jnp.int32))
-        self.tokens = jnp.zeros((B,), jnp.int32)
-        self.keys = jax.random.split(jax.random.key(0), B)
+        # committed to the device from the start, as the compiled steps return them: an uncommitted
+        # first argument would make the warm-up compile a variant that real requests never use
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self.cache, self.tokens, self.keys = jax.device_put(
+            (Cache.init(mcfg, B, S)._replace(index=jnp.zeros((B,), jnp.int32)), jnp.zeros((B,), jnp.int32),
+             jax.random.split(jax.random.key(0), B)), dev)
         self.slots: list[Request | None] = [None] * B
         self.positions = np.zeros(B, np.int32)
         self.active = np.zeros(B, bool)
@@ -358,7 +362,7 @@ class Engine:
         """Account one sampled token of `req`; finish it on EOS, a stop string or max_tokens."""
         req.output_ids.append(tok)
         self.counters["tokens"] += 1
-        if tok in self.eos:
+        if tok in self.eos and not req.ignore_eos:
             return self._finish(slot, req, "stop")
         text = self.tok.decode(req.output_ids, skip_special_tokens=True)
         if req.stop:
