@@ -296,3 +296,25 @@ def test_nothing_compiles_after_start_up(server):
     log = server.output(full=True)
     assert "Compiling" in log.split("listening on")[0]  # the flag works: the warm-up compiled
     assert "Compiling" not in log.split("listening on")[1]
+
+
+def test_adapter_is_loaded_and_merged(toy, tmp_path):
+    """--adapter: a PEFT LoRA adapter merged into the served weights gives the adapted model's logits."""
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax import lora
+    from llama_jax.serve.server import load_inference_model
+
+    d, model, _, _ = toy
+    m = lora.apply(llama_jax.load(d), rank=2, alpha=4, targets=("q_proj", "down_proj"))
+    for i, mod in enumerate((m.layers.self_attn.q_proj.lora, m.layers.mlp.down_proj.lora)):
+        mod.b.set_value(jax.random.normal(jax.random.key(i), mod.b.get_value().shape) * 0.2)
+    lora.save_peft(m, tmp_path / "adapter")
+    m.eval()
+    ids = jnp.asarray([[5, 6, 7, 8, 9]])
+    want = np.asarray(m(ids))
+    served = load_inference_model(d, adapter=tmp_path / "adapter")
+    assert not lora.has_lora(served)
+    np.testing.assert_allclose(np.asarray(served(ids)), want, atol=1e-4)
+    assert not np.allclose(np.asarray(model(ids)), want, atol=1e-3)

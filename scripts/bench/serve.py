@@ -75,7 +75,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--per-client", type=int, default=2, help="requests each client sends in a wave")
     ap.add_argument("--hf-requests", type=int, default=2, help="transformers requests per round")
-    ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "llama2-tokenizer" / "tokenizer.model"))
+    data = Path(os.environ.get("LLAMA_JAX_DATA", REPO.parent / "shared" / "data"))
+    ap.add_argument("--tokenizer", default=str(data / "llama2-tokenizer" / "tokenizer.model"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
