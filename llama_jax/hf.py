@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from .config import LlamaConfig
-from .model import Llama, abstract_model
+from .model import Llama, abstract_model, platform_compute_dtype
 from .safetensors_io import SafetensorsFile, write_file
 from .tokenizer.atomic import use_default_mode
 
@@ -135,6 +135,7 @@ def load(path: str | os.PathLike, dtype: Any = None, mesh=None, *, allow_pickle:
     dtype = jnp.dtype(dtype).name
     runtime.setdefault("dtype", dtype)
     runtime.setdefault("param_dtype", dtype)
+    runtime["dtype"] = platform_compute_dtype(runtime["dtype"], source=path)
     cfg = LlamaConfig.from_json_file(cfg_file, **runtime)
     if head is None:
         head = "score" if "LlamaForSequenceClassification" in (raw_cfg.get("architectures") or []) else "lm"
