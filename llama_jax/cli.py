@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5 GiB)")
     cv.set_defaults(func=_cmd_convert)
 
+    from .stages.evaluate import add_eval_command
+
+    add_eval_command(sub)
+
     try:
         from .tokenizer.cli import add_tokenizer_commands
     except ImportError:

@@ -11,13 +11,14 @@ from ..data.packing import StepIndexedBatches, pack, tokenize_documents
 from ..data.sources import DataError
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
 from ..train.loop import Task
-from .common import eval_batches, flops_per_token, next_token, run_stage, token_cross_entropy
+from .common import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
 DEFAULTS = stage_defaults(data={
     "train_files": [], "eval_files": [], "eval_fraction": 0.05, "text_field": "text", "block_size": 512,
     "num_proc": 1, "segment_aware": True, "append_eos": True, "cache_dir": None, "max_documents": None,
+    "eval_sets": {},  # {name: [text files]}: each logged as eval_<name>_loss / _ppl / _bpc (forgetting)
 })
 
 
@@ -79,7 +80,8 @@ def build_task(cfg, tok, model, run_dir: Path):
           f"eval {len(eval_list)} batch(es) of {G}")
     return Task(name="pretrain", loss_fn=make_loss(cfg), train=batches,
                 eval_batches=eval_list, flops_per_token=flops_per_token(model.config, T), tokens_per_row=T,
-                extra_meta={"blocks": len(blocks)})
+                extra_meta={"blocks": len(blocks)},
+                eval_sets=text_eval_sets(cfg, tok, T, G, cache, dc["text_field"]))
 
 
 def run(config_path, out: str | None = None, overrides=()) -> dict:
