@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round the new vocab size up to a multiple of N (extra rows: mean of all rows)")
     r.set_defaults(func=_cmd_resize)
 
+    from .data.cli import add_data_commands
+
+    add_data_commands(sub)
+
     try:
         from .tokenizer.cli import add_tokenizer_commands
     except ImportError:
