@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_command(sub)
 
+    from .data.cli import add_data_commands
+
+    add_data_commands(sub)
+
     try:
         from .tokenizer.cli import add_tokenizer_commands
     except ImportError:
