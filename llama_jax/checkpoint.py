@@ -13,7 +13,7 @@ import jax
 from flax import nnx
 
 from .config import LlamaConfig
-from .model import Llama, abstract_model
+from .model import Llama, abstract_model, platform_compute_dtype
 
 FORMAT = 1
 
@@ -58,6 +58,7 @@ def load_checkpoint(path: str | os.PathLike, dtype=None, mesh=None, **runtime) -
         runtime.setdefault("param_dtype", str(jax.numpy.dtype(dtype)))
     runtime.setdefault("param_dtype", meta.get("param_dtype", "float32"))
     runtime.setdefault("dtype", runtime["param_dtype"])
+    runtime["dtype"] = platform_compute_dtype(runtime["dtype"], source=path)
     cfg = LlamaConfig.from_json_file(path / "config.json", **runtime)
     model = abstract_model(cfg, head=meta.get("head", "lm"), mesh=mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

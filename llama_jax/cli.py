@@ -196,6 +196,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round the new vocab size up to a multiple of N (extra rows: mean of all rows)")
     r.set_defaults(func=_cmd_resize)
 
+    def _cmd_convert(args) -> int:
+        from .convert import cmd_convert  # imported on use: torch loads only for --format meta
+
+        return cmd_convert(args)
+
+    cv = sub.add_parser("convert", help="Meta's Llama-2 release (params.json + consolidated.NN.pth) or a llama2.c "
+                                        ".bin -> HF directory (docs/convert.md)")
+    cv.add_argument("src", metavar="SRC", help="meta: the directory with params.json; llama2c: the .bin file")
+    cv.add_argument("--format", required=True, choices=["meta", "llama2c"])
+    cv.add_argument("--out", required=True, metavar="DIR", help="HF directory to write (atomically)")
+    cv.add_argument("--tokenizer", default=None, metavar="tokenizer.model",
+                    help="sentencepiece model (default: tokenizer.model beside SRC or one level up, else none)")
+    cv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="output dtype (default: the source's: bfloat16 for Meta, float32 for llama2.c)")
+    cv.add_argument("--max-position-embeddings", type=int, default=None, metavar="N",
+                    help="context length for config.json (default: params.json max_seq_len, else 4096; "
+                         "llama2.c: its seq_len)")
+    cv.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5 GiB)")
+    cv.set_defaults(func=_cmd_convert)
+
+    from .stages.evaluate import add_eval_command
+
+    add_eval_command(sub)
+
+    from .data.cli import add_data_commands
+
+    add_data_commands(sub)
+
     try:
         from .tokenizer.cli import add_tokenizer_commands
     except ImportError:

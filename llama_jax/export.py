@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import PRESETS
 from .train.config import resolve_path
 
 
@@ -24,17 +25,31 @@ def export(src: str | Path, out: str | Path, peft: bool = False, step: int | Non
             raise ValueError(f"{src}: --peft needs a LoRA training run directory")
         model, tok = llama_jax.load(src), (src if _has_tokenizer(src) else None)
         template = recorded_template(src) if src.is_dir() else None
-    extra = {TEMPLATE_FILE: template_record(template)} if template else None
+    extra = {TEMPLATE_FILE: template_record(template).encode()} if template else None
     from . import lora
 
     if peft:
         if not lora.has_lora(model):
             raise ValueError(f"{src}: this run did not train LoRA (lora.enabled is false); export without --peft")
-        return lora.save_peft(model, out, base_model_name_or_path=str(resolve_path(cfg, cfg["model"]["init"])),
+        init = cfg["model"]["init"]
+        if init in PRESETS:
+            # The base was a random init (from train.seed): it exists nowhere a loader could find it
+            # by name, so it is rebuilt (the same seed gives the same weights) and saved inside the
+            # adapter directory, which names it by absolute path.
+            base = _base_of_run(cfg, model)
+            return lora.save_peft(model, out, base_model=base, base_tokenizer=tok, extra_files=extra)
+        return lora.save_peft(model, out, base_model_name_or_path=str(Path(resolve_path(cfg, init)).absolute()),
                               extra_files=extra)
     if lora.has_lora(model):
         model = lora.merge(model)
     return llama_jax.save_hf(model, out, tokenizer=tok, extra_files=extra)
+
+
+def _base_of_run(cfg: dict, model):
+    """The run's initial (pre-training, LoRA-free) model of a preset base, rebuilt from the config."""
+    from .stages.common import build_model
+
+    return build_model(cfg, None, vocab_size=model.config.vocab_size, head=model.head)
 
 
 def _has_tokenizer(d: Path) -> bool:

@@ -22,8 +22,9 @@ import numpy as np
 from flax import nnx
 
 from .config import LlamaConfig
-from .model import Llama, abstract_model
+from .model import Llama, abstract_model, platform_compute_dtype
 from .safetensors_io import SafetensorsFile, write_file
+from .tokenizer.atomic import use_default_mode
 
 
 class CheckpointError(ValueError):
@@ -134,6 +135,7 @@ def load(path: str | os.PathLike, dtype: Any = None, mesh=None, *, allow_pickle:
     dtype = jnp.dtype(dtype).name
     runtime.setdefault("dtype", dtype)
     runtime.setdefault("param_dtype", dtype)
+    runtime["dtype"] = platform_compute_dtype(runtime["dtype"], source=path)
     cfg = LlamaConfig.from_json_file(cfg_file, **runtime)
     if head is None:
         head = "score" if "LlamaForSequenceClassification" in (raw_cfg.get("architectures") or []) else "lm"
@@ -238,27 +240,17 @@ def hf_tensors(model: Llama, dtype=None) -> list[tuple[str, tuple, np.dtype, Any
 
 
 def save_hf(model: Llama, out_dir: str | os.PathLike, tokenizer=None, *, dtype=None,
-            max_shard_bytes: int = 5 * 1024 ** 3, extra_files: dict[str, str] | None = None) -> Path:
+            max_shard_bytes: int = 5 * 1024 ** 3, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write an HF directory transformers loads: config.json, generation_config.json, safetensors
     (sharded with model.safetensors.index.json when larger than max_shard_bytes), tokenizer files,
-    `extra_files` (name -> text).  The directory appears only once complete (temporary directory,
+    `extra_files` (name -> bytes).  The directory appears only once complete (temporary directory,
     then rename)."""
     from .lora import has_lora
 
     if has_lora(model):
         raise ValueError("save_hf: the model has LoRA factors attached; merge them first "
                          "(llama_jax.lora.merge) or export the adapter with lora.save_peft")
-    out_dir = Path(out_dir)
     tensors = hf_tensors(model, dtype)
-    shards: list[list] = [[]]
-    size = 0
-    for t in tensors:
-        nbytes = int(np.prod(t[1])) * t[2].itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += nbytes
     cfg = model.config
     param_dtype = np.dtype(tensors[0][2]).name if tensors else cfg.param_dtype
     arch = "LlamaForSequenceClassification" if model.head == "score" else "LlamaForCausalLM"
@@ -266,20 +258,44 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, tokenizer=None, *, dtype=N
     if model.head == "score":
         hf_cfg["num_labels"] = 1
         hf_cfg["id2label"], hf_cfg["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
-
     if jax.process_index() != 0:  # every process joins the gathers, process 0 writes
-        for shard in shards:
-            for t in shard:
-                t[3]()
-        return out_dir
+        for t in tensors:
+            t[3]()
+        return Path(out_dir)
+    return write_hf_dir(out_dir, hf_cfg, generation_config(cfg), tensors, tokenizer=tokenizer,
+                        max_shard_bytes=max_shard_bytes, extra_files=extra_files)
+
+
+def generation_config(cfg: LlamaConfig) -> dict:
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    if cfg.pad_token_id is not None:
+        gen["pad_token_id"] = cfg.pad_token_id
+    return gen
+
+
+def write_hf_dir(out_dir: str | os.PathLike, hf_cfg: dict, gen_cfg: dict, tensors: list, tokenizer=None, *,
+                 max_shard_bytes: int = 5 * 1024 ** 3, extra_files: dict[str, bytes] | None = None) -> Path:
+    """The one HF-directory writer (save_hf and llama_jax.convert use it): config.json,
+    generation_config.json, safetensors from (HF name, shape, dtype, producer) entries (each producer
+    called once, when its bytes are due; sharded with model.safetensors.index.json above
+    max_shard_bytes), tokenizer files (from `tokenizer`, see save_tokenizer_files) and `extra_files`
+    (name -> bytes, written as given).  Built in a temporary directory beside out_dir and renamed
+    into place only when complete: on any error nothing is left behind."""
+    out_dir = Path(out_dir)
+    shards: list[list] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = int(np.prod(t[1])) * np.dtype(t[2]).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-        if cfg.pad_token_id is not None:
-            gen["pad_token_id"] = cfg.pad_token_id
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
         if len(shards) == 1:
             write_file(tmp / "model.safetensors", shards[0], metadata={"format": "pt"})
         else:
@@ -289,13 +305,14 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, tokenizer=None, *, dtype=N
                 write_file(tmp / name, shard, metadata={"format": "pt"})
                 for t in shard:
                     weight_map[t[0]] = name
-                    total += int(np.prod(t[1])) * t[2].itemsize
+                    total += int(np.prod(t[1])) * np.dtype(t[2]).itemsize
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        use_default_mode(tmp, 0o777)  # mkdtemp makes it 0700; publish it as mkdir would
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,6 +39,7 @@ from .safetensors_io import SafetensorsFile, write_file
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_BASE_DIR = "base"  # save_peft(base_model=...): the base model, inside the adapter directory
 _PEFT_PREFIX = "base_model.model."  # PeftModel wraps the HF model twice (PeftModel -> LoraModel)
 
 
@@ -357,11 +358,19 @@ def _to_peft(arr, kind):
 
 
 def save_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None,
-              extra_files: dict[str, str] | None = None) -> Path:
+              base_model=None, base_tokenizer=None, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) that
     `peft.PeftModel.from_pretrained(hf_base_model, out_dir)` loads.  Atomic: written to a temporary
-    directory that is renamed into place when complete.  extra_files: name -> text, written too."""
-    from .hf import _host, _replace_dir
+    directory that is renamed into place when complete.  extra_files: name -> bytes, written too.
+
+    base_model: also write this (LoRA-free) model as an HF directory `out_dir/base` (with
+    base_tokenizer's files) and name its absolute path as base_model_name_or_path, so that
+    `peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)` finds it: for runs whose base exists
+    nowhere else (a randomly initialised preset)."""
+    from .hf import _host, _replace_dir, save_hf
+
+    if base_model is not None:
+        base_model_name_or_path = str((Path(out_dir) / PEFT_BASE_DIR).absolute())
 
     cfg = lora_config(model)
     if model.head != "lm":
@@ -403,6 +412,8 @@ def save_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str
     if jax.process_index() != 0:  # every process joins the gathers, process 0 writes
         for t in tensors:
             t[3]()
+        if base_model is not None:
+            save_hf(base_model, Path(out_dir) / PEFT_BASE_DIR)
         return Path(out_dir)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -410,8 +421,10 @@ def save_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str
     try:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2) + "\n")
         write_file(tmp / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        if base_model is not None:
+            save_hf(base_model, tmp / PEFT_BASE_DIR, tokenizer=base_tokenizer)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ instead of a mask, which lets GPUs take the cuDNN flash-attention path.
 """
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import jax
@@ -25,6 +26,21 @@ from .sharding import constrain
 
 def _dt(name):
     return jnp.dtype(name)
+
+
+def platform_compute_dtype(dtype, backend: str | None = None, source=None) -> str:
+    """The compute dtype to use for `dtype` on this backend.  XLA:CPU has no float16 matmul (jax
+    0.10: "The precision 'F16_F16_F32' is not supported by dot_general on CPU"), so float16 computes
+    in float32 there: every float16 value is exact in float32 (bfloat16 has 3 fewer mantissa bits
+    and would change the checkpoint's numbers), and the parameters stay float16 in memory.
+    Logs a one-line notice (naming `source`) when the answer differs from `dtype`."""
+    name = jnp.dtype(dtype).name
+    backend = backend or jax.default_backend()
+    if name == "float16" and backend == "cpu":
+        logging.getLogger(__name__).warning("%s: float16 compute is not supported on %s; computing in float32 "
+                                            "(parameters stay float16)", source or "model", backend)
+        return "float32"
+    return name
 
 
 # ----------------------------------------------------------------------------- layers

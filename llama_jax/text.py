@@ -40,3 +40,17 @@ def load_tokenizer(path: str | Path):
     if p.is_dir() and (p / "tokenizer.model").exists():
         return SentencePieceTokenizer(p / "tokenizer.model")
     raise FileNotFoundError(f"{p}: no tokenizer (expected tokenizer.json / tokenizer_config.json or tokenizer.model)")
+
+
+def encode(tok, text: str, special: bool = True) -> list[int]:
+    """Token ids of `text`; special=True adds what the tokenizer adds by default (LLaMA: BOS), as
+    `tokenizer.encode(text)` does in lm-eval's HF backend."""
+    if isinstance(tok, SentencePieceTokenizer):
+        return ([tok.bos_token_id] if special else []) + list(tok.sp.encode(text))
+    return list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def prefix_token(tok) -> int:
+    """What a sequence is conditioned on when it has no context (lm-eval's prefix token): BOS, else EOS."""
+    bos = getattr(tok, "bos_token_id", None)
+    return bos if bos is not None else tok.eos_token_id

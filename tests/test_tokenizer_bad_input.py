@@ -16,6 +16,7 @@ from llama_jax.tokenizer import (
     train_bpe,
 )
 from llama_jax.tokenizer.cli import add_tokenizer_commands
+from llama_jax.tokenizer.train import SentencePieceTrainingError
 
 DATA = default_data_dir()
 LLAMA2 = DATA / "llama2-tokenizer" / "tokenizer.model"
@@ -155,3 +156,25 @@ def test_trainer_failure_is_a_value_error_and_leaves_no_files(tmp_path):
         train_bpe(out / "zh", input_files=[corpus], vocab_size=5)  # fewer pieces than characters
     assert "vocab" in str(info.value).lower()
     assert list(out.iterdir()) == []
+
+
+def test_vocab_size_below_required_chars_is_raised_to_fit(tmp_path):
+    # The shared Chinese corpus needs ~4.3k pieces to cover its characters; sentencepiece refuses a
+    # smaller vocab_size ("Vocabulary size is smaller than required_chars").  Here: 600 distinct
+    # characters, each frequent enough that coverage 0.9995 needs nearly all of them.
+    chars = [chr(0x4E00 + i) for i in range(600)]
+    lines = ["".join(chars[(i * 7 + j) % 600] for j in range(40)) for i in range(900)]
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(SentencePieceTrainingError, match="required_chars"):
+        train_bpe(tmp_path / "strict", input_files=[corpus], vocab_size=300)
+    assert not (tmp_path / "strict.model").exists()
+    result = train_bpe(tmp_path / "auto", input_files=[corpus], vocab_size=300, raise_vocab_to_cover=True)
+    assert result.notice and "raised from 300" in result.notice
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(result.model_path))
+    assert sp.get_piece_size() == result.vocab_size > 600
+    assert all(sp.piece_to_id(c) != sp.unk_id() for c in chars)  # every character is a piece
+    # a vocab that already fits is left alone
+    assert train_bpe(tmp_path / "big", input_files=[corpus], vocab_size=800, raise_vocab_to_cover=True).vocab_size == 800

@@ -254,34 +254,37 @@ def to_conversation(rec, stats: Stats | None = None, source: str | None = None) 
 
 
 def _read_json_file(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, record) for a JSON array file or a JSON Lines file (some '.json' files hold lines)."""
+    """(where, record) for a JSON array file or a JSON Lines file (some '.json' files hold lines).
+    JSON Lines are streamed line by line (never the whole file in memory); an array is parsed whole."""
     if not path.exists():
         raise DataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8-sig")
-    if not text.strip():
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("utf-8-sig", errors="ignore").lstrip()
+    if not head:
         raise DataError(f"{path}: data file is empty")
-    if path.suffix != ".jsonl":
+    if path.suffix != ".jsonl" and head.startswith("["):
         try:
-            data = json.loads(text)
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data" = JSON Lines under a .json name
-                raise DataError(f"{path}: not valid JSON ({e})") from None
-        else:
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
-            for i, rec in enumerate(data):
-                yield f"record {i}", rec
-            return
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
+        for i, rec in enumerate(data):
+            yield f"record {i}", rec
+        return
+    if path.suffix != ".jsonl" and not head.startswith("{"):
+        raise DataError(f"{path}: not valid JSON (expected an array or JSON Lines objects)")
     i = 0
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            rec = RecordError("invalid_json", None, f"not valid JSON ({e})")
-        yield f"record {i} (line {n})", rec
-        i += 1
+    with open(path, encoding="utf-8-sig", newline="\n") as f:  # split on \n only: U+2028 may sit inside a string
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                rec = RecordError("invalid_json", None, f"not valid JSON ({e})")
+            yield f"record {i} (line {n})", rec
+            i += 1
 
 
 def read_records(paths_or_dataset) -> Iterator[tuple[str, str, object]]:

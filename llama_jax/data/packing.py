@@ -19,7 +19,8 @@ import numpy as np
 from .sources import DataError, fingerprint_files, load_texts
 
 
-def _tokenizer_fingerprint(tok) -> str:
+def tokenizer_fingerprint(tok) -> str:
+    """A short hash of the tokenizer's type and model file(s): keys caches and token shards."""
     path = getattr(tok, "path", None) or getattr(tok, "name_or_path", None)
     h = hashlib.sha256(str(type(tok)).encode())
     if path and os.path.isfile(path):
@@ -42,7 +43,7 @@ def _encode_batch(tok, texts):
 def tokenize_documents(tok, spec, text_field="text", num_proc=1, cache_dir=None) -> list[np.ndarray]:
     """Token ids of every non-empty document, BOS/EOS not included.  Cached by content."""
     files = [spec] if isinstance(spec, str) else list(spec)
-    key = hashlib.sha256(f"{fingerprint_files(files)}|{_tokenizer_fingerprint(tok)}|{text_field}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{fingerprint_files(files)}|{tokenizer_fingerprint(tok)}|{text_field}".encode()).hexdigest()[:20]
     cache = Path(cache_dir) / f"docs-{key}.npz" if cache_dir else None
     if cache is not None and cache.exists():
         z = np.load(cache, allow_pickle=False)

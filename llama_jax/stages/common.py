@@ -101,3 +101,41 @@ def run_stage(cfg: dict, out: str | None, name: str, build_task, head: str = "lm
     result = train(task, model, cfg, run_dir, mesh, trainable=trainable)
     result.update(run_dir=str(run_dir), model=model)
     return result
+
+
+def text_eval_sets(cfg, tok, block_size: int, global_batch: int, cache_dir, text_field: str = "text",
+                   loss_fn=None) -> list:
+    """data.eval_sets ({name: [text files]}) -> named LM eval sets for the loop (forgetting: e.g. an
+    English set scored while training on Chinese).  Documents are packed BOS ... EOS into rows of
+    block_size like pretraining data; up to train.eval_batches global batches each.  Characters
+    per predicted token are measured over the whole set, for bits per character.
+    loss_fn: None when the stage's own loss reads packed LM rows (pretraining), else one that does."""
+    from ..data.packing import pack, tokenize_documents
+    from ..data.sources import DataError, expand, load_texts
+    import numpy as np
+
+    from ..train.loop import EvalSet
+
+    sets = cfg["data"].get("eval_sets") or {}
+    if not isinstance(sets, dict):
+        raise ConfigError("data.eval_sets: expected a mapping {name: [files]}")
+    out = []
+    bos, eos = getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None)
+    for name, files in sets.items():
+        files = expand([resolve_path(cfg, f) for f in ([files] if isinstance(files, str) else files or [])])
+        docs = tokenize_documents(tok, files, text_field, 1, cache_dir)
+        chars = sum(len(t) for t in load_texts(files, text_field)["text"] if t)
+        blocks = pack(docs, block_size, bos, eos)
+        nseg = next_token(blocks.segments)
+        predicted = int(((nseg == blocks.segments) & (nseg > 0)).sum())
+        rows = {"tokens": blocks.tokens, "segments": blocks.segments, "positions": blocks.positions}
+        if len(blocks) % global_batch:  # fill the last batch with empty rows (segment 0: no loss)
+            fill = global_batch - len(blocks) % global_batch
+            rows = {k: np.concatenate([v, np.zeros((fill, v.shape[1]), v.dtype)]) for k, v in rows.items()}
+        batches = eval_batches(rows, global_batch, cfg["train"]["eval_batches"])
+        if not batches or predicted == 0:
+            raise DataError(f"data.eval_sets.{name}: {files}: no tokens to evaluate")
+        out.append(EvalSet(str(name), batches, chars / predicted, loss_fn))
+        print(f"eval set {name}: {len(docs)} documents, {chars} characters, {predicted} predicted tokens "
+              f"({chars / predicted:.2f} chars/token), {len(batches)} batch(es)")
+    return out

@@ -2,22 +2,34 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ..data.packing import StepIndexedBatches, pack, tokenize_documents
-from ..data.sources import DataError
+import hashlib
+import json
+
+from ..data.packing import tokenizer_fingerprint
+from ..data.shards import (MixtureBatches, PackedView, TokenizeConfig, TokenShards, source_fingerprint,
+                           tokenize_corpus, tokenizer_path)
+from ..data.sources import DataError, expand
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
 from ..train.loop import Task
-from .common import eval_batches, flops_per_token, next_token, run_stage, token_cross_entropy
+from .common import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
 DEFAULTS = stage_defaults(data={
     "train_files": [], "eval_files": [], "eval_fraction": 0.05, "text_field": "text", "block_size": 512,
     "num_proc": 1, "segment_aware": True, "append_eos": True, "cache_dir": None, "max_documents": None,
+    "eval_sets": {},  # {name: [text files]}: each logged as eval_<name>_loss / _ppl / _bpc (forgetting)
+    # token shards (docs/data.md): a `llama-jax data tokenize` directory instead of train_files, or a
+    # weighted mixture [{files: [...] | shards: DIR, weight: W, text_field: F}, ...]
+    "shards": None, "mixture": [], "on_bad_utf8": "skip", "chunk_mb": 64,
 })
 
 
@@ -40,7 +52,7 @@ def make_loss(cfg):
 
 
 def batch_spec(cfg, batch: int, seq: int | None = None) -> dict:
-    """Shapes and dtypes of a global training batch (what StepIndexedBatches over `pack` yields)."""
+    """Shapes and dtypes of a global training batch (what MixtureBatches over PackedViews yields)."""
     T = int(seq or cfg["data"]["block_size"])
     return {k: jax.ShapeDtypeStruct((batch, T), jnp.int32) for k in ("tokens", "segments", "positions")}
 
@@ -51,35 +63,74 @@ def build_task(cfg, tok, model, run_dir: Path):
     if T > model.config.max_position_embeddings:
         raise ConfigError(f"data.block_size={T} exceeds the model's max_position_embeddings="
                           f"{model.config.max_position_embeddings}")
-    files = [resolve_path(cfg, f) for f in (dc["train_files"] if isinstance(dc["train_files"], list) else [dc["train_files"]])]
-    if not files:
-        raise ConfigError("data.train_files: no training data given")
     cache = resolve_path(cfg, dc["cache_dir"]) or str(run_dir / "cache")
-    docs = tokenize_documents(tok, files, dc["text_field"], int(dc["num_proc"]), cache)
-    if dc["max_documents"]:
-        docs = docs[: int(dc["max_documents"])]
-    bos, eos = getattr(tok, "bos_token_id", None), (getattr(tok, "eos_token_id", None) if dc["append_eos"] else None)
-    if dc["eval_files"]:
-        eval_docs = tokenize_documents(tok, [resolve_path(cfg, f) for f in dc["eval_files"]], dc["text_field"],
-                                       int(dc["num_proc"]), cache)
-    else:  # hold out the last documents
-        n_eval = max(1, int(len(docs) * float(dc["eval_fraction"])))
-        if n_eval >= len(docs):
-            raise DataError(f"{files}: {len(docs)} document(s) are too few to hold out an eval set")
-        docs, eval_docs = docs[:-n_eval], docs[-n_eval:]
-    blocks = pack(docs, T, bos, eos)
-    eval_blocks = pack(eval_docs, T, bos, eos)
     G = int(tc["batch_size"])
-    if len(blocks) < G:
-        raise DataError(f"{files}: only {len(blocks)} blocks of {T} tokens for a batch of {G}")
-    batches = StepIndexedBatches(blocks, G, int(tc["seed"]), jax.process_index(), jax.process_count())
-    eval_list = eval_batches({"tokens": eval_blocks.tokens, "segments": eval_blocks.segments,
-                              "positions": eval_blocks.positions}, G, tc["eval_batches"])
-    print(f"pretrain data: {len(docs)} documents -> {len(blocks)} blocks of {T} tokens; "
-          f"eval {len(eval_list)} batch(es) of {G}")
+    bos, eos = getattr(tok, "bos_token_id", None), (getattr(tok, "eos_token_id", None) if dc["append_eos"] else None)
+    if dc["mixture"]:
+        srcs = [(m.get("shards") or m.get("files"), float(m.get("weight", 1.0)), m.get("text_field", dc["text_field"]))
+                for m in dc["mixture"]]
+    else:
+        train = dc["shards"] or dc["train_files"]
+        if not train:
+            raise ConfigError("data.train_files: no training data given")
+        srcs = [(train, 1.0, dc["text_field"])]
+    views, held, names = [], [], []
+    for spec, weight, field_ in srcs:
+        shards = open_shards(cfg, tok, spec, field_, cache)
+        n = shards.num_docs if not dc["max_documents"] else min(shards.num_docs, int(dc["max_documents"]))
+        if dc["eval_files"]:
+            n_eval = 0
+        else:  # hold out the last documents
+            n_eval = max(1, int(n * float(dc["eval_fraction"])))
+            if n_eval >= n:
+                raise DataError(f"{spec}: {n} document(s) are too few to hold out an eval set")
+            held.append(PackedView(shards, T, bos, eos, n - n_eval, n))
+        views.append((PackedView(shards, T, bos, eos, 0, n - n_eval), weight))
+        names.append(f"{shards.path.name}: {n - n_eval} docs -> {len(views[-1][0])} blocks")
+        if len(views[-1][0]) < G and len(srcs) == 1:
+            raise DataError(f"{spec}: only {len(views[-1][0])} blocks of {T} tokens for a batch of {G}")
+    if dc["eval_files"]:
+        ev = open_shards(cfg, tok, dc["eval_files"], dc["text_field"], cache)
+        held = [PackedView(ev, T, bos, eos)]
+    # eval: the leading rows of each held-out view, up to eval_batches global batches in all
+    want, parts = int(tc["eval_batches"]) * G, []
+    for v in held:
+        k = min(len(v), want - sum(len(p["tokens"]) for p in parts))
+        if k > 0:
+            parts.append(v.rows(range(k)))
+    batches = MixtureBatches(views, G, int(tc["seed"]), jax.process_index(), jax.process_count())
+    eval_list = eval_batches({key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, G,
+                             tc["eval_batches"]) if parts else []
+    blocks = sum(len(v) for v, _ in views)
+    print(f"pretrain data: {'; '.join(names)}; eval {len(eval_list)} batch(es) of {G}")
     return Task(name="pretrain", loss_fn=make_loss(cfg), train=batches,
                 eval_batches=eval_list, flops_per_token=flops_per_token(model.config, T), tokens_per_row=T,
-                extra_meta={"blocks": len(blocks)})
+                extra_meta={"blocks": blocks},
+                eval_sets=text_eval_sets(cfg, tok, T, G, cache, dc["text_field"]))
+
+
+def open_shards(cfg, tok, spec, text_field: str, cache: str) -> TokenShards:
+    """Token shards for `spec`: a `llama-jax data tokenize` directory (checked against the run's
+    tokenizer), or text files tokenised once into `cache`/shards-<key> (resumable, reused)."""
+    specs = [resolve_path(cfg, f) for f in (spec if isinstance(spec, list) else [spec])]
+    if len(specs) == 1 and os.path.isdir(specs[0]):
+        return TokenShards(specs[0], tok)
+    files = expand(specs)
+    for f in files:
+        if not os.path.isfile(f):
+            raise DataError(f"{f}: data file not found")
+    dc = cfg["data"]
+    key = hashlib.sha256(json.dumps([[source_fingerprint(f) for f in files], tokenizer_fingerprint(tok), text_field,
+                                     float(dc["chunk_mb"]), dc["on_bad_utf8"]]).encode()).hexdigest()[:16]
+    out = Path(cache) / f"shards-{key}"
+    if jax.process_index() == 0:
+        tokenize_corpus(files, tokenizer_path(tok), out, TokenizeConfig(
+            text_field=text_field, num_proc=int(dc["num_proc"]), chunk_mb=float(dc["chunk_mb"]),
+            on_bad_utf8=dc["on_bad_utf8"]), progress=bool(cfg["train"].get("progress", True)))
+    else:  # other hosts wait for process 0's manifest (a shared filesystem is assumed)
+        while not (out / "manifest.json").exists():
+            time.sleep(1)
+    return TokenShards(out, tok)
 
 
 def run(config_path, out: str | None = None, overrides=()) -> dict:

@@ -18,12 +18,13 @@ from ..data.packing import StepIndexedBatches, StepIndexedList
 from ..data.sources import DataError, expand
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
 from ..train.loop import Task
-from .common import eval_batches, flops_per_token, next_token, run_stage, token_cross_entropy
+from .common import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
 
 DEFAULTS = stage_defaults(data={
     "train_files": [], "eval_files": [], "eval_fraction": 0.05, "template": "chinese-alpaca-2", "max_length": 512,
     "batching": "pack", "on_error": "skip",
     "sample_prompts": ["请介绍一下中国的首都。", "用一句话解释什么是机器学习。"], "sample_max_new_tokens": 64,
+    "eval_sets": {},  # {name: [text files]}: language-modelling loss / ppl / bits per char of each (forgetting)
 })
 
 
@@ -121,7 +122,15 @@ def build_task(cfg, tok, model, run_dir: Path):
     return Task(name="sft", loss_fn=make_loss(cfg), train=train_batches,
                 eval_batches=eval_list, eval_fn=samples, flops_per_token=flops_per_token(model.config, T),
                 tokens_per_row=T if dc["batching"] == "pack" else 0,
+                eval_sets=text_eval_sets(cfg, tok, T, G, str(run_dir / "cache"), loss_fn=_text_lm_loss),
                 extra_meta={"padding_fraction": pad_frac, "real_tokens_per_batch": float(real), **{k: int(v) for k, v in stats.counts.items()}})
+
+
+def _text_lm_loss(m, b, rng):
+    """Next-token loss on packed text rows (data.eval_sets), as in pretraining."""
+    from .pretrain import lm_loss
+
+    return (*lm_loss(m, b, True), {})
 
 
 def _sample_prompts(dc, template, tok):

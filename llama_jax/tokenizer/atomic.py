@@ -16,7 +16,7 @@ def _current_umask() -> int:
     return mask
 
 
-def _use_default_mode(path: Path, mode: int) -> None:
+def use_default_mode(path: Path, mode: int) -> None:
     # mkstemp/mkdtemp create private (0600/0700) entries; published files should get the
     # permissions an ordinary open()/mkdir() would give them.
     os.chmod(path, mode & ~_current_umask())
@@ -32,7 +32,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _use_default_mode(Path(tmp), 0o666)
+        use_default_mode(Path(tmp), 0o666)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -57,7 +57,7 @@ def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         yield tmp_dir
-        _use_default_mode(tmp_dir, 0o777)
+        use_default_mode(tmp_dir, 0o777)
         if out_dir.exists():
             for item in sorted(tmp_dir.iterdir()):
                 os.replace(item, out_dir / item.name)

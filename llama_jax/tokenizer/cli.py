@@ -39,6 +39,7 @@ def _train(args: argparse.Namespace) -> int:
         max_sentencepiece_length=args.max_sentencepiece_length,
         num_threads=args.num_threads or (os.cpu_count() or 1),
         seed=args.seed,
+        raise_vocab_to_cover=args.grow_vocab,
     )
     result = train_bpe(
         args.out,
@@ -51,6 +52,8 @@ def _train(args: argparse.Namespace) -> int:
     )
     s = result.stats
     print(f"trained on {s.lines} lines / {s.chars} chars in {result.seconds:.1f}s")
+    if result.notice:
+        print(f"note: {result.notice}")
     for count, what in (
         (s.invalid_utf8_lines, "lines with invalid UTF-8"),
         (s.too_long_lines, f"lines longer than {options.max_sentence_length} bytes"),
@@ -93,7 +96,10 @@ def add_tokenizer_commands(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--text-field", default="text", help="dataset column with the text (default: text)")
     train.add_argument("--dataset-split", default="train")
     train.add_argument("--dataset-config", default=None, help="dataset configuration name")
-    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--vocab-size", type=int, required=True,
+                       help="pieces to train (sentencepiece refuses fewer than the corpus needs to cover its characters)")
+    train.add_argument("--grow-vocab", action="store_true",
+                       help="raise --vocab-size (with a note) when the corpus needs more pieces to cover its characters")
     train.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
     defaults = TrainOptions()
     train.add_argument("--character-coverage", type=float, default=defaults.character_coverage)

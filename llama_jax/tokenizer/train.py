@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
+from collections import Counter
 import shutil
 import tempfile
 import time
@@ -55,6 +58,11 @@ class TrainOptions:
     split_by_whitespace: bool = True
     num_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     seed: int = 0
+    # sentencepiece refuses a vocab_size below the number of characters needed to reach
+    # character_coverage (+3 meta pieces): "Vocabulary size is smaller than required_chars. 4000 vs
+    # 4315" on the shared Chinese corpora.  True: count them first and raise vocab_size to fit (with
+    # a notice; the demo does this); False: keep sentencepiece's error.
+    raise_vocab_to_cover: bool = False
     # Any further sentencepiece trainer flags, passed through unchanged.
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -81,6 +89,8 @@ class TrainResult:
     vocab_path: Path
     stats: CorpusStats
     seconds: float
+    vocab_size: int = 0        # what was trained (>= the requested size)
+    notice: str | None = None  # set when vocab_size was raised to cover the corpus's characters
 
 
 class SentencePieceTrainingError(ValueError):
@@ -96,6 +106,32 @@ def _limit_line_length(lines: Iterator[str], max_bytes: int, stats: CorpusStats)
             stats.too_long_lines += 1
             continue
         yield line
+
+
+SP_META_PIECES = 3  # unk, bos, eos (pad is off in LLAMA2_COMPATIBLE_SPEC)
+
+
+def required_vocab_size(lines: Iterator[str], character_coverage: float, max_lines: int) -> int:
+    """The smallest vocab_size sentencepiece accepts for these lines: the most frequent characters
+    that together reach `character_coverage` of all characters (a space counts as '▁', and each line
+    gets the dummy-prefix '▁'), plus the meta pieces.  Counted over the first `max_lines` lines, as
+    sentencepiece counts over its (sampled) input; a small margin is added by the caller."""
+    counts: Counter = Counter()
+    for i, line in enumerate(lines):
+        if i >= max_lines:
+            break
+        counts.update(line)
+        counts[" "] += 1
+    total = sum(counts.values())
+    if total == 0:
+        return SP_META_PIECES
+    covered, needed = 0, 0
+    for _, c in counts.most_common():
+        covered += c
+        needed += 1
+        if covered / total >= character_coverage:
+            break
+    return needed + SP_META_PIECES
 
 
 def train_bpe(
@@ -124,10 +160,23 @@ def train_bpe(
 
     stats = CorpusStats()
 
-    def all_lines() -> Iterator[str]:
+    def all_lines(stats=stats) -> Iterator[str]:
         yield from iter_lines_of_files(input_files, stats)
         if dataset:
             yield from iter_dataset_texts(dataset, text_field, stats, dataset_split, dataset_config)
+
+    notice = None
+    if options.raise_vocab_to_cover:
+        need = required_vocab_size(_limit_line_length(all_lines(CorpusStats()), options.max_sentence_length,
+                                                      CorpusStats()),
+                                   options.character_coverage, options.input_sentence_size)
+        # margin: our count and sentencepiece's can differ by a few pieces (its own whitespace rules)
+        need = need + max(8, math.ceil(need * 0.01))
+        if need > options.vocab_size:
+            notice = (f"vocab_size raised from {options.vocab_size} to {need}: the corpus needs {need} pieces to "
+                      f"cover {options.character_coverage:g} of its characters, which sentencepiece requires")
+            logging.getLogger(__name__).warning(notice)
+            options = dataclasses.replace(options, vocab_size=need)
 
     # Look at the first line before starting the trainer so an empty corpus is reported
     # by name instead of as a sentencepiece internal error.
@@ -165,4 +214,4 @@ def train_bpe(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     seconds = time.perf_counter() - started
-    return TrainResult(model_path, vocab_path, stats, seconds)
+    return TrainResult(model_path, vocab_path, stats, seconds, options.vocab_size, notice)

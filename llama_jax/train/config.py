@@ -42,8 +42,9 @@ class ConfigError(ValueError):
     pass
 
 
-# mappings whose keys are not ours to check (LlamaConfig fields, a reward factory's arguments)
-FREE_FORM = {"overrides", "reward_fn_args"}
+# mappings whose keys are not ours to check (LlamaConfig fields, a reward factory's arguments,
+# the names of data.eval_sets)
+FREE_FORM = {"overrides", "reward_fn_args", "eval_sets"}
 
 
 def _merge(base: dict, over: dict, where: str, source: str) -> dict:

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ..scoring import lm_measures
 from .optim import count_params, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,18 @@ class Task:
     eval_fn: Callable | None = None  # extra eval metrics: fn(model, step) -> dict, host side
     extra_meta: dict = field(default_factory=dict)
     perplexity: bool = True  # eval_ppl = exp(eval_loss) only means something for token losses
+    eval_sets: list = field(default_factory=list)  # [EvalSet]: named text sets, logged as eval_<name>_*
+
+
+@dataclass
+class EvalSet:
+    """A named language-modelling eval set (e.g. zh / en, to watch forgetting): logged at every eval
+    as eval_<name>_loss, _ppl and _bpc (bits per character = summed NLL / ln 2 / characters, with
+    characters = predicted tokens x `chars_per_token` of the whole set)."""
+    name: str
+    batches: list
+    chars_per_token: float
+    loss_fn: Callable | None = None  # None: the task's own loss (the batches have the task's layout)
 
 
 def _state_tree(step, params, opt_state, nonfinite):
@@ -198,16 +211,21 @@ def build_train_step(loss_fn: Callable, model, tc: dict, mesh, trainable=nnx.Par
     jstep = jax.jit(step_fn, in_shardings=(shardings, frozen_sh, batch_sh), out_shardings=(shardings, None),
                     donate_argnums=(0,))
 
+    ts = TrainStep(graphdef=graphdef, tx=tx, lr_fn=lr_fn, mesh=mesh, accum=accum, param_shardings=param_sh,
+                   state_shardings=shardings, frozen_shardings=frozen_sh, batch_sharding=batch_sh, step=jstep,
+                   eval=make_eval(graphdef, loss_fn))
+    return ts, params, frozen
+
+
+def make_eval(graphdef, loss_fn: Callable) -> Callable:
+    """jit(params, frozen, batch) -> (loss_sum, weight, aux) of `loss_fn` with dropout off."""
     def eval_fn(p, frz, batch):
         m = nnx.merge(graphdef, p, frz)
         m.eval()  # dropout off
         s, w, aux = loss_fn(m, batch, jax.random.key(0))
         return s, w, aux
 
-    ts = TrainStep(graphdef=graphdef, tx=tx, lr_fn=lr_fn, mesh=mesh, accum=accum, param_shardings=param_sh,
-                   state_shardings=shardings, frozen_shardings=frozen_sh, batch_sharding=batch_sh, step=jstep,
-                   eval=jax.jit(eval_fn))
-    return ts, params, frozen
+    return jax.jit(eval_fn)
 
 
 def restore_latest(model, cfg: dict, run_dir, trainable=nnx.Param, step: int | None = None) -> int:
@@ -361,9 +379,20 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
     pending: list = []
     t_last = time.perf_counter()
 
+    set_evals = {id(es.loss_fn): make_eval(graphdef, es.loss_fn) for es in task.eval_sets if es.loss_fn is not None}
+
     def run_eval(step):
+        rec = {}
+        for es in task.eval_sets:
+            fn = jeval if es.loss_fn is None else set_evals[id(es.loss_fn)]
+            s_tot = w_tot = 0.0
+            for b in es.batches:
+                s, w, _ = fn(state["params"], frozen, _to_global(b, mesh, 0))
+                s_tot, w_tot = s_tot + float(s), w_tot + float(w)
+            rec.update({f"eval_{es.name}_{k}": v
+                        for k, v in lm_measures(s_tot, w_tot, w_tot * es.chars_per_token).items()})
         if not task.eval_batches:
-            return {}
+            return rec
         s_tot = w_tot = 0.0
         aux_tot: dict = {}
         for b in task.eval_batches:
@@ -373,7 +402,7 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
             for k, v in aux.items():
                 aux_tot[k] = aux_tot.get(k, 0.0) + float(v)
         loss = s_tot / max(w_tot, 1.0)
-        rec = {"eval_loss": loss}
+        rec["eval_loss"] = loss
         if task.perplexity:
             rec["eval_ppl"] = math.exp(min(loss, 50.0))
         rec.update({f"eval_{k}": v / max(w_tot, 1.0) for k, v in aux_tot.items()})
@@ -421,6 +450,8 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
                 rec = {**(rec or {"step": done}), **run_eval(done)}
                 if bar is not None and "eval_loss" in rec:
                     post["eval"] = f"{rec['eval_loss']:.4f}"
+                for es in task.eval_sets if bar is not None else ():
+                    post[es.name] = f"{rec[f'eval_{es.name}_loss']:.3f}/{rec[f'eval_{es.name}_bpc']:.3f}bpc"
             if rec is not None:
                 writer.write(rec)
                 last.update(rec)
