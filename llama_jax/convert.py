@@ -349,9 +349,13 @@ def _tokenizer_for(cc: ConvertConfig) -> Path | None:
         if not cc.tokenizer.is_file():
             raise ConvertError(f"{cc.tokenizer}: --tokenizer: no such file (expected a sentencepiece tokenizer.model)")
         return cc.tokenizer
-    base = cc.src if cc.src.is_dir() else cc.src.parent
-    for cand in (base / "tokenizer.model", base.parent / "tokenizer.model"):  # Meta ships it one level up
+    if cc.format == "meta":  # Meta ships it one level above the model directories
+        cands = (cc.src / "tokenizer.model", cc.src.parent / "tokenizer.model")
+    else:
+        cands = (cc.src.parent / "tokenizer.model",)
+    for cand in cands:
         if cand.is_file():
+            log.warning("convert: using the tokenizer %s (pass --tokenizer to choose another)", cand)
             return cand
     return None
 
