@@ -1,6 +1,8 @@
 """Continued pretraining: packed documents, next-token loss, on the shared loop."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -9,9 +11,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import hashlib
-import json
 
 from ..data.packing import tokenizer_fingerprint
 from ..data.shards import (MixtureBatches, PackedView, TokenizeConfig, TokenShards, source_fingerprint,
@@ -65,6 +64,11 @@ def build_task(cfg, tok, model, run_dir: Path):
     cache = resolve_path(cfg, dc["cache_dir"]) or str(run_dir / "cache")
     G = int(tc["batch_size"])
     bos, eos = getattr(tok, "bos_token_id", None), (getattr(tok, "eos_token_id", None) if dc["append_eos"] else None)
+    for i, m in enumerate(dc["mixture"] or []):
+        bad = set(m) - {"files", "shards", "weight", "text_field"} if isinstance(m, dict) else {"<not a mapping>"}
+        if bad or not (m.get("files") or m.get("shards")):
+            raise ConfigError(f"data.mixture[{i}]: expected {{files: [...] | shards: DIR, weight: W, text_field: F}}, "
+                              f"got {m!r}")
     if dc["mixture"]:
         srcs = [(m.get("shards") or m.get("files"), float(m.get("weight", 1.0)), m.get("text_field", dc["text_field"]))
                 for m in dc["mixture"]]
