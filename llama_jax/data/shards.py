@@ -310,6 +310,8 @@ def tokenize_corpus(files, tokenizer: str, out: str | os.PathLike, cfg: Tokenize
             return json.loads((out / "manifest.json").read_text())
     else:
         _atomic_write(plan_path, json.dumps(plan, indent=1, ensure_ascii=False))
+    for stale in (out / "shards").glob("*.tmp*"):  # left by a killed run's workers
+        stale.unlink(missing_ok=True)
     todo = [i for i in range(len(units)) if not (out / "shards" / f"{i:05d}.json").exists()]
     total = sum(units[i]["bytes"] for i in todo)
     bar = None
