@@ -5,7 +5,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import jax
@@ -129,9 +128,12 @@ def open_shards(cfg, tok, spec, text_field: str, cache: str) -> TokenShards:
         tokenize_corpus(files, tokenizer_path(tok), out, TokenizeConfig(
             text_field=text_field, num_proc=int(dc["num_proc"]), chunk_mb=float(dc["chunk_mb"]),
             on_bad_utf8=dc["on_bad_utf8"]), progress=bool(cfg["train"].get("progress", True)))
-    else:  # other hosts wait for process 0's manifest (a shared filesystem is assumed)
-        while not (out / "manifest.json").exists():
-            time.sleep(1)
+    if jax.process_count() > 1:
+        # the other hosts wait for process 0's shards (a shared filesystem is assumed, as for checkpoints);
+        # a barrier rather than polling for the manifest: if process 0 fails, the coordinator ends the wait
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"token shards {out.name}")
     return TokenShards(out, tok)
 
 
