@@ -504,7 +504,6 @@ class PackedView:
         return {"tokens": tokens, "segments": segs, "positions": pos}
 
 
-_M64 = (1 << 64) - 1
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
