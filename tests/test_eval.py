@@ -169,11 +169,12 @@ def _lm_eval_pair(smollm2_dir, smol, tmp_path, data_dir, task, limit, shots):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from llama_jax.lm_eval_adapter import LlamaJaxLM, write_local_tasks
+    from llama_jax.lm_eval_adapter import write_local_tasks
 
     tm = TaskManager(include_path=str(write_local_tasks(tmp_path / "tasks", data_dir)))
-    ours = lm_eval.simple_evaluate(model=LlamaJaxLM(pretrained=str(smollm2_dir), model=smol[0]), tasks=[task],
-                                   num_fewshot=shots, limit=limit, task_manager=tm, log_samples=True)
+    # the registered name with lm-eval's model_args string, as a user would call it
+    ours = lm_eval.simple_evaluate(model="llama_jax", model_args=f"pretrained={smollm2_dir},batch_size=8",
+                                   tasks=[task], num_fewshot=shots, limit=limit, task_manager=tm, log_samples=True)
     ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={smollm2_dir},device=cpu,dtype=float32",
                                   tasks=[task], num_fewshot=shots, limit=limit, task_manager=tm, log_samples=True)
     (p_ours, acc_ours), (p_ref, acc_ref) = _lm_eval_preds(ours, task), _lm_eval_preds(ref, task)
@@ -221,6 +222,12 @@ def test_lm_eval_rolling_and_generate(smollm2_dir, smol):
                                                               {"until": ["."], "max_gen_toks": 8}), 0)],
                             disable_tqdm=True)
     assert out[0].startswith(" Paris") and "." not in out[0]
+    # `llama-jax eval --lm-eval` runs through run_tasks (local task YAMLs written on the fly)
+    from llama_jax.lm_eval_adapter import run_tasks
+
+    lm.scorer.max_length = 2048
+    res = run_tasks(model=str(smollm2_dir), tasks=["cmmlu_local_anatomy"], limit=2, shots=0, lm=lm)
+    assert "cmmlu_local_anatomy" in res["results"] and "cmmlu_local_anatomy" in res["table"]
 
 
 # ----------------------------------------------------------------------------- bad input
