@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--format", required=True, choices=["meta", "llama2c"])
     cv.add_argument("--out", required=True, metavar="DIR", help="HF directory to write (atomically)")
     cv.add_argument("--tokenizer", default=None, metavar="tokenizer.model",
-                    help="sentencepiece model (default: tokenizer.model beside SRC or one level up, else none)")
+                    help="sentencepiece model (default: tokenizer.model in SRC or its parent for meta, beside the "
+                         ".bin for llama2c, else none)")
     cv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="output dtype (default: the source's: bfloat16 for Meta, float32 for llama2.c)")
     cv.add_argument("--max-position-embeddings", type=int, default=None, metavar="N",

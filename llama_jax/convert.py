@@ -299,6 +299,7 @@ def read_meta(src: Path, max_position_embeddings: int | None = None) -> tuple[Ll
                            f"(params.json says n_layers={L})")
 
     dtype0 = shards[0]["tok_embeddings.weight"].dtype
+    cat_of = {m: c for m, _, c, _ in plan}
     for key, shape in expected.items():
         if key not in keys0:
             raise ConvertError(f"{paths[0]}: tensor '{key}' is missing")
@@ -307,7 +308,7 @@ def read_meta(src: Path, max_position_embeddings: int | None = None) -> tuple[Ll
             if g != got[0] or sd[key].dtype != dtype0:
                 raise ConvertError(f"{f}: tensor '{key}' is {list(g)} {sd[key].dtype}, but {list(got[0])} {dtype0} "
                                    f"in {paths[0].name}: the shards disagree")
-        cat = next((c for (m, _, c, _) in plan if m == key), None)
+        cat = cat_of[key]
         merged = list(got[0])
         if cat is not None:
             merged[cat] *= mp
@@ -348,9 +349,13 @@ def _tokenizer_for(cc: ConvertConfig) -> Path | None:
         if not cc.tokenizer.is_file():
             raise ConvertError(f"{cc.tokenizer}: --tokenizer: no such file (expected a sentencepiece tokenizer.model)")
         return cc.tokenizer
-    base = cc.src if cc.src.is_dir() else cc.src.parent
-    for cand in (base / "tokenizer.model", base.parent / "tokenizer.model"):  # Meta ships it one level up
+    if cc.format == "meta":  # Meta ships it one level above the model directories
+        cands = (cc.src / "tokenizer.model", cc.src.parent / "tokenizer.model")
+    else:
+        cands = (cc.src.parent / "tokenizer.model",)
+    for cand in cands:
         if cand.is_file():
+            log.warning("convert: using the tokenizer %s (pass --tokenizer to choose another)", cand)
             return cand
     return None
 

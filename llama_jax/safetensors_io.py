@@ -99,7 +99,8 @@ def write_file(path: str | os.PathLike, tensors: Iterable[tuple[str, tuple, np.d
             arr = np.ascontiguousarray(np.asarray(produce(), dtype=dtype))
             if arr.shape != tuple(shape):
                 raise SafetensorsError(f"tensor '{name}': produced shape {arr.shape}, declared {tuple(shape)}")
-            f.write(arr.tobytes())
+            f.write(arr.reshape(-1).view(np.uint8).data)  # no bytes copy of the tensor (tobytes() would make one)
+            del arr  # before the next producer runs: one tensor in memory at a time
 
 
 def iter_files(paths: Iterable[Path]) -> Iterator[SafetensorsFile]:

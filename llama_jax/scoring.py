@@ -111,6 +111,7 @@ class Scorer:
         shards = 1
         if mesh is not None:
             shards = int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+        self.shards = shards
         self.batch_size = max(1, -(-int(batch_size) // shards) * shards)  # a multiple of the data shards
         self.rows_done = 0
         self.tokens_done = 0
@@ -130,8 +131,16 @@ class Scorer:
             idx = order[s:s + self.batch_size]
             yield idx, length_bucket(max(lengths[i] for i in idx))
 
+    def _rows(self, n: int) -> int:
+        """Rows of a batch holding n: batch_size, or for a short last batch the smallest power-of-two
+        multiple of the data shards that holds n (fewer dummy rows, a few more shapes)."""
+        r = self.shards
+        while r < n and r < self.batch_size:
+            r *= 2
+        return min(r, self.batch_size)
+
     def _pad(self, rows: list[Sequence[int]], T: int) -> np.ndarray:
-        out = np.zeros((self.batch_size, T), np.int32)
+        out = np.zeros((self._rows(len(rows)), T), np.int32)
         for r, x in enumerate(rows):
             out[r, :len(x)] = x
         return out
@@ -154,7 +163,7 @@ class Scorer:
         rows = list(singles)
         for idx, T in self._batches([len(r) for r in rows]):
             ids = self._pad([rows[i] for i in idx], T)
-            last = np.zeros((self.batch_size,), np.int32)
+            last = np.zeros((len(ids),), np.int32)
             last[:len(idx)] = [len(rows[i]) - 1 for i in idx]
             lp = np.asarray(_last_logprobs(self.graphdef, self.state, self._put(ids), self._put(last)))
             for r, i in enumerate(idx):

@@ -2,6 +2,7 @@
 model-parallel ranks exactly as Meta's release is, rotary rows in Meta's interleaved order)
 converts back to the same logits, MHA and GQA; every kind of bad input gives one error naming the
 file and leaves nothing behind.  (The llama2.c path against real weights: tests/test_real_weights.py.)"""
+import copy
 import json
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import transformers
 
 import llama_jax
 from hf_ref import hf_logits, hf_model
+from conftest import DATA
 from llama_jax.cli import main
 from llama_jax.convert import (ConvertConfig, ConvertError, convert, ffn_hidden_size, rope_half_to_interleaved,
                                rope_interleaved_to_half)
@@ -67,12 +69,15 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def meta_ckpts(tmp_path_factory):
+def meta_ckpts(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("meta")
+    # Meta ships tokenizer.model one level above the model directories: found there by default
+    shutil.copy(data_dir / "models" / "stories260K" / "tok512.model", root / "tokenizer.model")
     out = {}
     for name, c in CASES.items():
         inter = ffn_hidden_size(64, c["multiple_of"], c["mult"])
-        hf = hf_model(seed=1, num_attention_heads=c["heads"], num_key_value_heads=c["kv"], intermediate_size=inter)
+        hf = hf_model(seed=1, num_attention_heads=c["heads"], num_key_value_heads=c["kv"], intermediate_size=inter,
+                      vocab_size=512)
         if c["dtype"] == torch.bfloat16:  # the reference computes with the weights Meta's file holds
             hf = hf.to(torch.bfloat16).float()
         out[name] = (hf, write_meta(hf, root / name, multiple_of=c["multiple_of"], ffn_dim_multiplier=c["mult"],
@@ -114,7 +119,8 @@ def test_meta_two_shards_convert_to_the_same_logits(case, meta_ckpts, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_key_value_heads"] == CASES[case]["kv"] and cfg["intermediate_size"] == hf.config.intermediate_size
     assert cfg["torch_dtype"] == ("bfloat16" if case == "gqa" else "float32")  # the source's dtype by default
-    ids = np.random.RandomState(0).randint(0, 256, (2, 11))
+    assert (out / "tokenizer.model").read_bytes() == (src.parent / "tokenizer.model").read_bytes()
+    ids = np.random.RandomState(0).randint(0, 512, (2, 11))
     ref = hf_logits(hf, ids)
     ours = np.asarray(llama_jax.load(out, dtype="float32")(jnp.asarray(ids)))
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
@@ -126,8 +132,8 @@ def test_meta_output_dtype_option(meta_ckpts, tmp_path):
     hf, src = meta_ckpts["mha"]
     out = convert(ConvertConfig("meta", src, tmp_path / "bf16", dtype="bfloat16", progress=False))
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    ids = np.random.RandomState(0).randint(0, 256, (1, 7))
-    ref = hf_logits(hf.to(torch.bfloat16).float(), ids)
+    ids = np.random.RandomState(0).randint(0, 512, (1, 7))
+    ref = hf_logits(copy.deepcopy(hf).to(torch.bfloat16).float(), ids)  # .to() is in place
     np.testing.assert_allclose(np.asarray(llama_jax.load(out, dtype="float32")(jnp.asarray(ids))), ref, atol=1e-5)
 
 
@@ -159,11 +165,14 @@ def _mutate_meta(src, dst, how):
         sd["norm.weight"] = sd["norm.weight"] + 1
         torch.save(sd, dst / "consolidated.01.pth")
         return dst / "consolidated.01.pth", "replicated tensor 'norm.weight'"
+    if how == "tokenizer":  # LLaMA-2's 32000 pieces for a 512-row embedding
+        shutil.copy(DATA / "llama2-tokenizer" / "tokenizer.model", dst / "tokenizer.model")
+        return dst / "tokenizer.model", "32000 pieces"
     raise AssertionError(how)
 
 
 @pytest.mark.parametrize("how", ["unknown_key", "missing_shard", "one_shard_of_two", "shape", "truncated",
-                                 "replicated_differ"])
+                                 "replicated_differ", "tokenizer"])
 def test_meta_bad_input_one_clear_error_nothing_written(how, meta_ckpts, tmp_path, capsys):
     src, needle = _mutate_meta(meta_ckpts["mha"][1], tmp_path / "src", how)
     where = tmp_path / "outs"

@@ -41,18 +41,16 @@ def hf_smol(smollm2_dir):
 
 
 def _hf_choice_lls(hf, reqs):
-    """lm-eval's HF computation, spelled out: feed (context + continuation)[:-1], read the
-    continuation's log-probabilities at the last len(continuation) positions."""
+    """lm-eval's HF computation for one question: it feeds (context + continuation)[:-1] and reads
+    the continuation's log-probability at the last position; with one-token continuations that
+    input is the context for all four choices, so one forward pass gives all four."""
     import torch
 
-    out = []
-    for ctx, cont in reqs:
-        inp = torch.tensor([(ctx + cont)[:-1]])
-        with torch.no_grad():
-            lp = torch.log_softmax(hf(inp).logits[0].double(), -1)
-        n = len(ctx + cont) - 1
-        out.append(sum(float(lp[n - len(cont) + j, t]) for j, t in enumerate(cont)))
-    return out
+    ctx = reqs[0][0]
+    assert all(r[0] == ctx and len(r[1]) == 1 for r in reqs)
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([ctx])).logits[0, -1].double(), -1)
+    return [float(lp[r[1][0]]) for r in reqs]
 
 
 # ----------------------------------------------------------------------------- the measures
@@ -97,35 +95,40 @@ def test_prompts_equal_lm_eval(tmp_path, data_dir):
 
 
 # ----------------------------------------------------------------------------- parity with transformers
-def test_cmmlu_choice_loglikelihoods_equal_transformers(smol, hf_smol, data_dir, tmp_path):
+def _check_choice_lls(smol, hf_smol, data_dir, subjects, limit, shots, tmp_path):
     model, tok = smol
-    cfg = EvalConfig(model="smollm2", tasks=["cmmlu"], subjects=["agronomy", "anatomy"], limit=15, shots=0,
-                     batch_size=8, progress=False, out=str(tmp_path / "r0.json"))
-    r0 = run_eval(cfg, model=model, tok=tok)["tasks"]["cmmlu"]
-    cfg5 = EvalConfig(model="smollm2", tasks=["cmmlu"], subjects=["arts"], limit=10, shots=5, batch_size=8,
-                      progress=False)
-    r5 = run_eval(cfg5, model=model, tok=tok)["tasks"]["cmmlu"]
-    assert r0["n"] + r5["n"] == 40
-    assert json.loads((tmp_path / "r0.json").read_text())["tasks"]["cmmlu"]["n"] == 30
-    fmt = FORMATS["cmmlu"]
-    for res, shots, names in ((r0, 0, ["agronomy", "anatomy"]), (r5, 5, ["arts"])):
-        for s in load_subjects("cmmlu", data_dir / "benchmarks/cmmlu", names, shots=shots, limit=res["n"] // len(names)):
-            ours = np.array(res["subjects"][s.name]["loglikelihoods"])
-            ref = np.array([_hf_choice_lls(hf_smol, mc_requests(tok, prompt(q, s, fmt), 10 ** 9, q.where))
-                            for q in s.questions])
-            np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
-            np.testing.assert_array_equal(ours.argmax(1), ref.argmax(1))
-            assert res["subjects"][s.name]["correct"] == int((ref.argmax(1) == [q.answer for q in s.questions]).sum())
+    cfg = EvalConfig(model="smollm2", tasks=["cmmlu"], subjects=subjects, limit=limit, shots=shots, batch_size=8,
+                     progress=False, out=str(tmp_path / "r.json"))
+    res = run_eval(cfg, model=model, tok=tok)["tasks"]["cmmlu"]
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"]["cmmlu"]["n"] == res["n"] == limit * len(subjects)
+    for s in load_subjects("cmmlu", data_dir / "benchmarks/cmmlu", subjects, shots=shots, limit=limit):
+        ours = np.array(res["subjects"][s.name]["loglikelihoods"])
+        ref = np.array([_hf_choice_lls(hf_smol, mc_requests(tok, prompt(q, s, FORMATS["cmmlu"]), 10 ** 9, q.where))
+                        for q in s.questions])
+        np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
+        np.testing.assert_array_equal(ours.argmax(1), ref.argmax(1))
+        assert res["subjects"][s.name]["correct"] == int((ref.argmax(1) == [q.answer for q in s.questions]).sum())
+
+
+def test_cmmlu_choice_loglikelihoods_equal_transformers(smol, hf_smol, data_dir, tmp_path):
+    """40 CMMLU questions, zero-shot (short prompts keep the default suite quick)."""
+    _check_choice_lls(smol, hf_smol, data_dir, ["anatomy", "arts", "elementary_commonsense", "sociology"], 10, 0,
+                      tmp_path)
+
+
+@pytest.mark.slow
+def test_cmmlu_choice_loglikelihoods_equal_transformers_5shot(smol, hf_smol, data_dir, tmp_path):
+    _check_choice_lls(smol, hf_smol, data_dir, ["agronomy", "arts"], 20, 5, tmp_path)
 
 
 def test_perplexity_equals_transformers(smol, hf_smol, data_dir, tmp_path):
     import torch
 
     model, tok = smol
-    text = (data_dir / "en-corpus/wiki_demo.txt").read_text()[:2500]
+    text = (data_dir / "en-corpus/wiki_demo.txt").read_text()[:1200]
     f = tmp_path / "doc.txt"
     f.write_text(text)
-    L, S = 96, 40
+    L, S = 64, 40
     res = run_eval(EvalConfig(model="smollm2", tasks=["ppl"], data=[str(f)], max_length=L, stride=S,
                               batch_size=4, progress=False), model=model, tok=tok)
     got = res["tasks"]["ppl"]["files"][str(f)]
@@ -166,11 +169,12 @@ def _lm_eval_pair(smollm2_dir, smol, tmp_path, data_dir, task, limit, shots):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from llama_jax.lm_eval_adapter import LlamaJaxLM, write_local_tasks
+    from llama_jax.lm_eval_adapter import write_local_tasks
 
     tm = TaskManager(include_path=str(write_local_tasks(tmp_path / "tasks", data_dir)))
-    ours = lm_eval.simple_evaluate(model=LlamaJaxLM(pretrained=str(smollm2_dir), model=smol[0]), tasks=[task],
-                                   num_fewshot=shots, limit=limit, task_manager=tm, log_samples=True)
+    # the registered name with lm-eval's model_args string, as a user would call it
+    ours = lm_eval.simple_evaluate(model="llama_jax", model_args=f"pretrained={smollm2_dir},batch_size=8",
+                                   tasks=[task], num_fewshot=shots, limit=limit, task_manager=tm, log_samples=True)
     ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={smollm2_dir},device=cpu,dtype=float32",
                                   tasks=[task], num_fewshot=shots, limit=limit, task_manager=tm, log_samples=True)
     (p_ours, acc_ours), (p_ref, acc_ref) = _lm_eval_preds(ours, task), _lm_eval_preds(ref, task)
@@ -187,16 +191,16 @@ def test_lm_eval_llama_jax_equals_hf(smollm2_dir, smol, tmp_path, data_dir):
     import llama_jax.lm_eval_adapter  # noqa: F401  registers the name
 
     assert reg.get_model("llama_jax") is llama_jax.lm_eval_adapter.LlamaJaxLM
-    preds, acc = _lm_eval_pair(smollm2_dir, smol, tmp_path, data_dir, "cmmlu_local_agronomy", limit=8, shots=0)
+    preds, acc = _lm_eval_pair(smollm2_dir, smol, tmp_path, data_dir, "cmmlu_local_anatomy", limit=8, shots=0)
     # `llama-jax eval`'s own scoring gives the same predictions
-    r = run_eval(EvalConfig(model="smollm2", tasks=["cmmlu"], subjects=["agronomy"], limit=8, progress=False),
+    r = run_eval(EvalConfig(model="smollm2", tasks=["cmmlu"], subjects=["anatomy"], limit=8, progress=False),
                  model=smol[0], tok=smol[1])["tasks"]["cmmlu"]
-    assert r["subjects"]["agronomy"]["predictions"] == preds and r["acc_micro"] == pytest.approx(acc)
+    assert r["subjects"]["anatomy"]["predictions"] == preds and r["acc_micro"] == pytest.approx(acc)
 
 
 @pytest.mark.slow
 def test_lm_eval_llama_jax_equals_hf_ceval_5shot(smollm2_dir, smol, tmp_path, data_dir):
-    _lm_eval_pair(smollm2_dir, smol, tmp_path, data_dir, "ceval-valid_local_accountant", limit=20, shots=5)
+    _lm_eval_pair(smollm2_dir, smol, tmp_path, data_dir, "ceval-valid_local_accountant", limit=10, shots=5)
 
 
 def test_lm_eval_rolling_and_generate(smollm2_dir, smol):
@@ -218,6 +222,12 @@ def test_lm_eval_rolling_and_generate(smollm2_dir, smol):
                                                               {"until": ["."], "max_gen_toks": 8}), 0)],
                             disable_tqdm=True)
     assert out[0].startswith(" Paris") and "." not in out[0]
+    # `llama-jax eval --lm-eval` runs through run_tasks (local task YAMLs written on the fly)
+    from llama_jax.lm_eval_adapter import run_tasks
+
+    lm.scorer.max_length = 2048
+    res = run_tasks(model=str(smollm2_dir), tasks=["cmmlu_local_anatomy"], limit=2, shots=0, lm=lm)
+    assert "cmmlu_local_anatomy" in res["results"] and "cmmlu_local_anatomy" in res["table"]
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -43,25 +43,39 @@ def test_pretrain_eval_sets(tmp_path, texts, data_dir):
     r = pretrain.run_config(cfg, str(tmp_path / "run"))
     evals = [m for m in _metrics(r["run_dir"]) if "eval_loss" in m]
     assert [m["step"] for m in evals] == [3, 6]
+    import jax.numpy as jnp
+    import numpy as np
+
+    from llama_jax.data.packing import pack
     from llama_jax.text import load_tokenizer
 
     tok = load_tokenizer(data_dir / "llama2-tokenizer/tokenizer.model")
-    en_pred = sum(len(tok.sp.encode(t)) + 1 for t in en)  # BOS t1 .. tn EOS: n + 1 predictions
-    for m in evals:
-        assert m["eval_held_loss"] == pytest.approx(m["eval_loss"], rel=1e-6)
-        assert m["eval_held_ppl"] == pytest.approx(m["eval_ppl"], rel=1e-6)
-        assert m["eval_en_ppl"] == pytest.approx(math.exp(m["eval_en_loss"]), rel=1e-9)
-        assert m["eval_en_bpc"] == pytest.approx(m["eval_en_loss"] * en_pred / sum(map(len, en)) / math.log(2),
-                                                 rel=1e-6)
-        assert m["eval_held_bpc"] == pytest.approx(
-            m["eval_loss"] * sum(len(tok.sp.encode(t)) + 1 for t in zh) / sum(map(len, zh)) / math.log(2), rel=1e-6)
+
+    def packed(docs):
+        b = pack([np.asarray(tok.sp.encode(t), np.int32) for t in docs], 64, tok.bos_token_id, tok.eos_token_id)
+        nxt = np.concatenate([b.segments[:, 1:], np.zeros_like(b.segments[:, :1])], axis=1)
+        return b, int(((nxt == b.segments) & (nxt > 0)).sum())
+
+    for name, docs in (("held", zh), ("en", en)):
+        b, predicted = packed(docs)
+        for m in evals:
+            assert m[f"eval_{name}_ppl"] == pytest.approx(math.exp(m[f"eval_{name}_loss"]), rel=1e-9)
+            assert m[f"eval_{name}_bpc"] == pytest.approx(
+                m[f"eval_{name}_loss"] * predicted / sum(map(len, docs)) / math.log(2), rel=1e-9)
+        # the last eval = the final model's loss over every row of the set
+        s, w = pretrain.lm_loss(r["model"], {"tokens": jnp.asarray(b.tokens), "segments": jnp.asarray(b.segments),
+                                             "positions": jnp.asarray(b.positions)}, True)
+        assert float(w) == predicted
+        assert evals[-1][f"eval_{name}_loss"] == pytest.approx(float(s) / float(w), rel=1e-5)
+    # the stage's own eval (data.eval_files: the same file, whole batches only) is still there
+    assert abs(evals[-1]["eval_loss"] - evals[-1]["eval_held_loss"]) < 1e-2
     assert evals[-1]["eval_held_loss"] < evals[0]["eval_held_loss"]
 
 
 def test_sft_eval_sets(tmp_path, texts):
     d, _, _ = texts
     cfg = load_config(sft.DEFAULTS, os.path.join(REPO, "configs/toy/sft.yaml"), [
-        "train.steps=4", "train.eval_every=4", "train.log_every=4", "train.checkpoint_every=0",
+        "train.steps=2", "train.eval_every=2", "train.log_every=2", "train.checkpoint_every=0",
         "train.progress=false", "mesh.fsdp=1", "data.max_length=64", "train.eval_batches=1",
         "data.sample_prompts=[]", f"data.eval_sets={{zh: [{d / 'zh.txt'}], en: [{d / 'en.jsonl'}]}}"])
     r = sft.run_config(cfg, str(tmp_path / "run"))

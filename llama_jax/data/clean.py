@@ -293,8 +293,8 @@ class Cleaner:
         r.all_text = "\n".join([conv.system or ""] + [t for _, t in conv.messages])
         return r
 
-    def verdict(self, r: _Rec, final: bool, best: dict | None) -> str | None:
-        """The first rule that removes r (None: kept).  `final`: the dedup state is updated."""
+    def verdict(self, r: _Rec, best: dict | None) -> str | None:
+        """The first rule that removes r (None: kept); the dedup state learns r when it passes a dedup rule."""
         c = self.cfg
         texts = r.responses + r.prompts
         if c.fix_text:
@@ -529,7 +529,7 @@ def _stream(cl: Cleaner, f: str, cfg: CleanConfig, mods: Counter, best):
             why = "empty_response" if e.reason == "empty_response" and cfg.min_response_chars else "invalid_record"
             yield source, where, rec, None, why, f"{e.reason}: {e}"
             continue
-        yield source, where, rec, r, cl.verdict(r, True, best), None
+        yield source, where, rec, r, cl.verdict(r, best), None
 
 
 def _longest_pass(cl: Cleaner, files, cfg: CleanConfig) -> dict:

@@ -1,7 +1,6 @@
 """`llama-jax data tokenize` (text -> token shards) and `llama-jax data clean` (SFT / text cleaning)."""
 from __future__ import annotations
 
-import argparse
 import json
 
 

@@ -34,7 +34,8 @@ def tokenizer_fingerprint(tok) -> str:
     return h.hexdigest()[:16]
 
 
-def _encode_batch(tok, texts):
+def encode_batch(tok, texts) -> list[list[int]]:
+    """Token ids of each text, no BOS/EOS (sentencepiece: one C++ batch call; HF: the fast tokenizer)."""
     if hasattr(tok, "sp"):  # sentencepiece: batch encode in C++
         return tok.sp.encode(list(texts))
     return tok(list(texts), add_special_tokens=False)["input_ids"]
@@ -51,7 +52,7 @@ def tokenize_documents(tok, spec, text_field="text", num_proc=1, cache_dir=None)
     ds = load_texts(spec, text_field)
 
     def enc(batch):
-        return {"ids": _encode_batch(tok, batch["text"])}
+        return {"ids": encode_batch(tok, batch["text"])}
 
     ds = ds.map(enc, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
                 remove_columns=ds.column_names, desc="tokenising")

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .packing import tokenizer_fingerprint
+from .packing import encode_batch, tokenizer_fingerprint
 from .sources import DataError, expand
 
 FORMAT = 1
@@ -229,12 +229,6 @@ def _load_tok(path: str):
     return _WORKER_TOK[path]
 
 
-def _encoder(tok):
-    if hasattr(tok, "sp"):  # sentencepiece: batch encode in C++
-        return lambda texts: tok.sp.encode(texts)
-    return lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
-
-
 def _atomic_write(path: Path, data: bytes | str):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
@@ -246,7 +240,6 @@ def tokenize_unit(args) -> dict:
     idx, unit, tok_path, dtype, cfg, out = args
     cfg = TokenizeConfig(**cfg)
     tok = _load_tok(tok_path)
-    enc = _encoder(tok)
     sdir = Path(out) / "shards"
     name = f"{idx:05d}"
     tmp_bin = sdir / f"{name}.bin.tmp{os.getpid()}"
@@ -257,7 +250,7 @@ def tokenize_unit(args) -> dict:
         batch, nch = [], 0
 
         def flush():
-            for ids in enc(batch):
+            for ids in encode_batch(tok, batch):
                 if not len(ids):
                     counts.add("empty_docs")
                     continue
@@ -317,6 +310,8 @@ def tokenize_corpus(files, tokenizer: str, out: str | os.PathLike, cfg: Tokenize
             return json.loads((out / "manifest.json").read_text())
     else:
         _atomic_write(plan_path, json.dumps(plan, indent=1, ensure_ascii=False))
+    for stale in (out / "shards").glob("*.tmp*"):  # left by a killed run's workers
+        stale.unlink(missing_ok=True)
     todo = [i for i in range(len(units)) if not (out / "shards" / f"{i:05d}.json").exists()]
     total = sum(units[i]["bytes"] for i in todo)
     bar = None
@@ -509,7 +504,6 @@ class PackedView:
         return {"tokens": tokens, "segments": segs, "positions": pos}
 
 
-_M64 = (1 << 64) - 1
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -1,17 +1,15 @@
 """Continued pretraining: packed documents, next-token loss, on the shared loop."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import hashlib
-import json
 
 from ..data.packing import tokenizer_fingerprint
 from ..data.shards import (MixtureBatches, PackedView, TokenizeConfig, TokenShards, source_fingerprint,
@@ -66,6 +64,11 @@ def build_task(cfg, tok, model, run_dir: Path):
     cache = resolve_path(cfg, dc["cache_dir"]) or str(run_dir / "cache")
     G = int(tc["batch_size"])
     bos, eos = getattr(tok, "bos_token_id", None), (getattr(tok, "eos_token_id", None) if dc["append_eos"] else None)
+    for i, m in enumerate(dc["mixture"] or []):
+        bad = set(m) - {"files", "shards", "weight", "text_field"} if isinstance(m, dict) else {"<not a mapping>"}
+        if bad or not (m.get("files") or m.get("shards")):
+            raise ConfigError(f"data.mixture[{i}]: expected {{files: [...] | shards: DIR, weight: W, text_field: F}}, "
+                              f"got {m!r}")
     if dc["mixture"]:
         srcs = [(m.get("shards") or m.get("files"), float(m.get("weight", 1.0)), m.get("text_field", dc["text_field"]))
                 for m in dc["mixture"]]
@@ -127,9 +130,12 @@ def open_shards(cfg, tok, spec, text_field: str, cache: str) -> TokenShards:
         tokenize_corpus(files, tokenizer_path(tok), out, TokenizeConfig(
             text_field=text_field, num_proc=int(dc["num_proc"]), chunk_mb=float(dc["chunk_mb"]),
             on_bad_utf8=dc["on_bad_utf8"]), progress=bool(cfg["train"].get("progress", True)))
-    else:  # other hosts wait for process 0's manifest (a shared filesystem is assumed)
-        while not (out / "manifest.json").exists():
-            time.sleep(1)
+    if jax.process_count() > 1:
+        # the other hosts wait for process 0's shards (a shared filesystem is assumed, as for checkpoints);
+        # a barrier rather than polling for the manifest: if process 0 fails, the coordinator ends the wait
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"token shards {out.name}")
     return TokenShards(out, tok)
 
 
