@@ -71,7 +71,8 @@ def test_tokenizer_stage_on_real_corpora(tmp_path, data_dir):
     assert m["merged_vocab"] % 64 == 0 and m["pad_id"] == m["base_vocab"]
     # the SFT data went through `llama-jax data clean` and its report is kept
     rep = json.loads((tmp_path / "data" / "clean" / "report.json").read_text())
-    assert rep["kept"] == sum(1 for _ in data.sft_train.open()) + sum(1 for _ in data.sft_eval.open())
+    assert rep["records_out"] == sum(1 for _ in data.sft_train.open()) + sum(1 for _ in data.sft_eval.open())
+    assert data.clean_report["records_out"] == rep["records_out"] < rep["records_in"] == 2000
 
 
 @pytest.mark.slow
