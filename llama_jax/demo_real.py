@@ -438,7 +438,8 @@ def plot_bpc(runs: Path, before: dict, out: Path) -> Path:
         if name in before:
             ax.axhline(before[name]["bpc"], color=color, ls="--", lw=0.8, label=f"{name}: base model")
     ax.set_xlabel("step")
-    ax.set_ylabel("bits per character")
+    ax.set_yscale("log")  # the base's byte-fallback Chinese (~90 bits/char) and English (~1) on one axis
+    ax.set_ylabel("bits per character (log)")
     ax.set_title("continued pretraining: held-out bits per character")
     ax.legend(fontsize=8)
     fig.tight_layout()
