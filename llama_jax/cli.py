@@ -39,6 +39,10 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    if args.data:  # real data from a real pretrained base (llama_jax/demo_real.py)
+        from .demo_real import run_real_demo
+
+        return run_real_demo(args)
     from .demo import run_demo
 
     return run_demo(args)
@@ -169,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole pipeline (tokenizer -> pretrain -> SFT -> RM -> PPO) on a built-in task")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--data", default=None,
-                   help="run on the real Chinese data of DIR (../shared/data layout) instead of the built-in "
-                        "synthetic task; also where LLaMA-2's tokenizer is looked for")
+                   help="run on the real data of DIR (../shared/data layout) from a real pretrained base "
+                        "(--base) instead of the built-in synthetic task")
+    d.add_argument("--base", default=None, metavar="stories260K|DIR|FILE.bin",
+                   help="with --data: the pretrained base: stories260K (default: DATA/models/stories260K, "
+                        "converted from llama2.c), an HF Llama dir with a sentencepiece tokenizer.model, or a "
+                        "llama2.c .bin with tokenizer.model beside it")
     d.add_argument("--base-tokenizer", default=None,
                    help="base tokenizer.model (default: DATA/llama2-tokenizer, else a small one trained on the fly)")
     d.add_argument("--ppo-reward", choices=["auto", "rm", "exact"], default="auto",

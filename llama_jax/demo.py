@@ -9,8 +9,8 @@ characters), so every stage has a true metric: chars/token of the merged tokeniz
 base, pretraining perplexity on held-out text, SFT and PPO exact-match on held-out questions, RM
 accuracy on held-out pairs, reward and KL through PPO.  The base tokenizer is --base-tokenizer,
 else LLaMA-2's under --data, else a small byte-fallback BPE trained on the fly on English text
-(so Chinese falls back to bytes, as with LLaMA-2).  With --data DIR the stages run on the real
-Chinese corpora, SFT and preference sets of DIR (layout of ../shared/data) instead.
+(so Chinese falls back to bytes, as with LLaMA-2).  With --data DIR the CLI runs
+llama_jax.demo_real instead: the same method on the real data of DIR from a real pretrained base.
 
 Output: a summary table on the terminal, OUT/report.json (every stage's metrics, written after
 each stage), OUT/plots/*.png, and every stage's run directory with its metrics.jsonl.
@@ -125,20 +125,6 @@ def english_corpus(n_lines: int, seed: int) -> list[str]:
     forms = ["{d} is written {e}.", "The number {d} reads {e}.", "We counted {e} ({d}) items in total."]
     return [" ".join(rng.choice(forms).format(d=k, e=number_to_en(k))
                      for k in (rng.randint(0, 99999) for _ in range(4))) for _ in range(n_lines)]
-
-
-def real_data(data: Path) -> DemoData:
-    """The real Chinese files of DATA (../shared/data layout)."""
-    corpus = [data / "zh-corpus" / "clue_corpus_small_sample.txt", data / "zh-corpus" / "cmrc2018_wiki_paragraphs.txt"]
-    for p in corpus + [data / "zh-sft" / "alpaca_zh_demo.json", data / "zh-pref" / "dpo_zh_500.jsonl"]:
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: not found (--data must have the ../shared/data layout)")
-    lines = corpus[1].read_text("utf-8").splitlines()
-    return DemoData(tokenizer_corpus=corpus[:1], tokenizer_eval=lines[-200:], pretrain_train=corpus,
-                    pretrain_eval=[], sft_train=[data / "zh-sft" / "alpaca_zh_demo.json"], sft_eval=[],
-                    pref_train=[data / "zh-pref" / "dpo_zh_500.jsonl"], pref_eval=[],
-                    ppo_prompts=[data / "zh-sft" / "belle_open_source_1k.jsonl"],
-                    sample_questions=["请介绍一下中国的首都。", "用一句话解释什么是机器学习。"])
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -373,7 +359,7 @@ def run_demo(args) -> int:
     if data_dir is not None and not data_dir.is_dir():
         raise FileNotFoundError(f"--data {data_dir}: not a directory")
     task = SyntheticTask()
-    data = real_data(data_dir) if data_dir else synthetic_data(out / "data", task, n)
+    data = synthetic_data(out / "data", task, n)  # --data runs llama_jax.demo_real (cli dispatch)
     checkable = bool(data.eval_questions)
     report = Report(out / "report.json", {
         "task": "synthetic: numbers and dates in Chinese characters (llama_jax.synthetic)" if checkable

@@ -248,7 +248,7 @@ def merge_tokenizers(
     sentencepiece BPE model (NotSentencePieceBPEError / TokenizerFormatError otherwise,
     and nothing is written).
     """
-    from .hf_files import write_hf_files
+    from .hf_files import UnsupportedNormalizerError, write_hf_files
 
     options = options or MergeOptions()
     base_proto = load_bpe_model_proto(base)
@@ -270,6 +270,12 @@ def merge_tokenizers(
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir) as tmp:
         write_bytes_atomic(tmp / "tokenizer.model", result.proto.SerializeToString())
-        write_hf_files(result.proto, tmp, base_hf_dir=base_dir)
+        try:
+            write_hf_files(result.proto, tmp, base_hf_dir=base_dir)
+        except UnsupportedNormalizerError as e:
+            # a base whose normalizer tokenizer.json cannot reproduce (llama2.c's tok512:
+            # remove_extra_whitespaces=true): tokenizer.model only, as `llama-jax convert` does;
+            # llama_jax reads it directly (text.load_tokenizer)
+            warnings.warn(f"{base}: {e}; writing tokenizer.model only (no HF tokenizer files)", stacklevel=2)
     result.out_dir = out_dir
     return result
