@@ -9,7 +9,9 @@ do not depend on that choice.
 One mask convention for padding, packing and the KV cache: every token has a segment id
 (0 = padding / empty cache slot) and a position; query q may see key k iff they share a
 non-zero segment and pos_k <= pos_q.  Without padding, packing or cache we pass `is_causal`
-instead of a mask, which lets GPUs take the cuDNN flash-attention path.
+instead of a mask, which lets GPUs take the cuDNN flash-attention path.  Without a cache, attention
+runs through `attention.attend` (`attention_impl`: xla / cudnn / splash / auto), which takes the
+segment ids (splash: causal mask and'ed with segment ids, no [T, T] scores) or the dense mask.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import attend
 from .config import LlamaConfig
 from .sharding import constrain
 
@@ -156,9 +159,8 @@ class Attention(nnx.Module):
             kv_cache = (ck, cv)
             out = cached_attention(q, ck, cv, attn.mask, self.head_dim ** -0.5)
         else:
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=attn.mask, is_causal=attn.mask is None, scale=self.head_dim ** -0.5,
-                implementation=self.impl)
+            out = attend(q, k, v, attn.segment_ids, attn.mask, impl=self.impl, scale=self.head_dim ** -0.5,
+                         mesh=mesh)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv_cache
 
 
@@ -192,6 +194,7 @@ class Block(nnx.Module):
 class AttnInputs(NamedTuple):
     mask: jax.Array | None      # [B, 1, T, S] bool, or None = plain causal
     cache_index: jax.Array | None
+    segment_ids: jax.Array | None = None  # [B, T] of this call's tokens (splash attention's mask)
 
 
 class Cache(NamedTuple):
@@ -319,7 +322,7 @@ class Llama(nnx.Module):
             longest = pos_all  # dynamic NTK: longest position in the cache, as HF
         else:
             attn = AttnInputs(None if plain_causal else make_mask(segment_ids, positions, segment_ids, positions),
-                              None)
+                              None, None if plain_causal else segment_ids.astype(jnp.int32))
             longest = positions
 
         x = self.embed_tokens(input_ids)
