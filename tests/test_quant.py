@@ -58,6 +58,7 @@ def _metrics(d):
         return [json.loads(l) for l in f]
 
 
+@pytest.mark.slow
 def test_qlora_sft_trains_only_lora_and_exports(tmp_path, data_dir):
     base = llama_jax.init_model(llama_jax.preset("toy"), seed=1)
     llama_jax.save_hf(base, tmp_path / "base", tokenizer=str(data_dir / "llama2-tokenizer" / "tokenizer.model"))
@@ -65,7 +66,7 @@ def test_qlora_sft_trains_only_lora_and_exports(tmp_path, data_dir):
         f"model.init={tmp_path / 'base'}", "tokenizer=null", "train.steps=12", "train.log_every=1",
         "train.eval_every=0", "train.checkpoint_every=12", "train.progress=false", "mesh.fsdp=1",
         "data.max_length=64", "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2",
-        "lora.trainable_modules=[lm_head]", "model.quantization=nf4", "model.quant_tile=32",
+        "lora.trainable_modules=[lm_head]", "model.quantization=nf4", "model.quant_tile=4",
         "data.batching=bucket", "train.warmup_ratio=0"])
     r = sft.run_config(cfg, str(tmp_path / "run"))
     model = r["model"]
@@ -79,8 +80,8 @@ def test_qlora_sft_trains_only_lora_and_exports(tmp_path, data_dir):
     assert all("lora" in p or p == ("lm_head", "kernel") for p in paths) and ("lm_head", "kernel") in paths
     assert all(v.get_value().dtype == jnp.float32 for _, v in nnx.to_flat_state(trainable))
     q = model.layers.mlp.down_proj
-    assert q.quant == quant.QuantSpec("nf4", 32, 172) and q.kernel.get_value().dtype == jnp.uint8
-    want, _ = quant.quantize(base.layers.mlp.down_proj.kernel.get_value(), "nf4", 32)
+    assert q.quant == quant.QuantSpec("nf4", 4, 172) and q.kernel.get_value().dtype == jnp.uint8
+    want, _ = quant.quantize(base.layers.mlp.down_proj.kernel.get_value(), "nf4", 4)
     np.testing.assert_array_equal(np.asarray(q.kernel.get_value()), np.asarray(want))
     assert float(jnp.max(jnp.abs(model.layers.mlp.down_proj.lora.b.get_value()))) > 0
 
