@@ -18,8 +18,8 @@ Implementations (`model.attention_impl`):
   axes (`data`, `fsdp`) and the head axis (`tensor`).  Off TPU it runs in Pallas interpret mode
   (slow; used by the CPU tests).  Sequence length must be a multiple of 128 (the kernel's lane
   width); `auto` falls back to XLA otherwise.
-* `auto` (and the default None -> `xla` for backward compatibility): splash on TPU, cuDNN on GPU,
-  XLA elsewhere.
+* `auto`: splash on TPU, cuDNN on GPU for plain causal 16-bit batches, XLA elsewhere.  (None, the
+  default, is `xla`.)
 
 Why splash equals the dense mask: within a segment, positions grow by one per token, so
 "pos_k <= pos_q and same segment" equals "index_k <= index_q and same segment", i.e. CausalMask
@@ -47,8 +47,11 @@ def platform_of(mesh=None) -> str:
     return jax.default_backend()
 
 
-def resolve(impl: str | None, mesh=None, seq_len: int | None = None) -> str:
-    """'xla' | 'cudnn' | 'splash' for a configured `attention_impl` (None = 'xla')."""
+def resolve(impl: str | None, mesh=None, seq_len: int | None = None, masked: bool = False, dtype=None) -> str:
+    """'xla' | 'cudnn' | 'splash' for a configured `attention_impl` (None = 'xla').  `auto` takes
+    cuDNN only where its flash kernel surely applies: a plain causal batch (masked=False) in a
+    16-bit dtype; padded / packed batches on GPU stay on XLA (cuDNN would take the dense mask as a
+    bias; untested here, no GPU in this project's CI)."""
     if impl is None or impl == "xla":
         return "xla"
     if impl not in IMPLS:
@@ -57,7 +60,7 @@ def resolve(impl: str | None, mesh=None, seq_len: int | None = None) -> str:
         plat = platform_of(mesh)
         if plat == "tpu" and (seq_len is None or seq_len % SPLASH_LANES == 0):
             return "splash"
-        if plat in ("gpu", "cuda"):
+        if plat in ("gpu", "cuda") and not masked and dtype is not None and jnp.dtype(dtype).itemsize == 2:
             return "cudnn"
         return "xla"
     return impl
@@ -126,7 +129,7 @@ def splash_attention(q, k, v, segment_ids, *, scale: float, mesh=None, interpret
 
 def attend(q, k, v, segment_ids, mask, *, impl: str | None, scale: float, mesh=None):
     """Dispatch to the configured kernel (see the module docstring)."""
-    impl = resolve(impl, mesh, q.shape[1])
+    impl = resolve(impl, mesh, q.shape[1], masked=mask is not None, dtype=q.dtype)
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids if mask is not None else None, scale=scale, mesh=mesh)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, scale=scale,

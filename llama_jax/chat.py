@@ -111,6 +111,10 @@ def run_chat(args) -> int:
     from .text import load_tokenizer
 
     model = llama_jax.load(args.model, dtype=args.dtype)
+    if getattr(args, "quantization", None):  # weight-only quantized Linear kernels (llama_jax.quant)
+        from .quant import quantize_model
+
+        quantize_model(model, args.quantization)
     tok = load_tokenizer(args.tokenizer or args.model)
     s = ChatSession(model, tok, args.template, args.system, args.max_new_tokens, args.temperature, args.top_k,
                     args.top_p, args.seed)

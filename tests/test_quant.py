@@ -135,3 +135,11 @@ def test_int8_base_loss_close_to_float_on_smollm2(smollm2_dir):
     assert abs(l4 - ref) / ref < 0.10, (ref, l4)  # measured: 2.960 -> 3.187 (+7.7%): 135M quantizes badly
     print(f"smollm2 nll: float {ref:.4f}, int8 {l8:.4f}, nf4 {l4:.4f}")
     assert l8 != ref
+
+
+def test_generate_int8_weights_smollm2(smollm2_dir, capsys):
+    """`llama-jax generate --quantization int8` (weight-only, every Linear) on SmolLM2 still says
+    " Paris" after "The capital of France is" (greedy)."""
+    assert main(["generate", "--model", str(smollm2_dir), "--prompt", "The capital of France is",
+                 "--max-new-tokens", "3", "--temperature", "0", "--quantization", "int8"]) == 0
+    assert "Paris" in capsys.readouterr().out
