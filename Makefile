@@ -20,7 +20,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/llama-jax demo --out runs/demo
 
-test: $(STAMP)
+# plan-env: the TPU-lowering test (tests/test_plan.py, a toy compile for a v5e with splash
+# attention) runs on every `make test`
+test: $(STAMP) $(PLAN_VENV)/.installed
 	$(BIN)/python -m pytest -q tests
 
 # TPU memory plans (`llama-jax plan`) need libtpu, kept out of .venv: its presence makes jax probe

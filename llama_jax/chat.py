@@ -133,6 +133,10 @@ def run_chat(args) -> int:
     from .text import load_tokenizer
 
     model = llama_jax.load(args.model, dtype=args.dtype)
+    if getattr(args, "quantization", None):  # weight-only quantized Linear kernels (llama_jax.quant)
+        from .quant import quantize_model
+
+        quantize_model(model, args.quantization)
     tok = load_tokenizer(args.tokenizer or args.model)
     template, source = resolve_template(args.template, args.model, tokenizer=tok)
     print(f"chat template {template!r} (from {source})", file=sys.stderr)

@@ -19,6 +19,10 @@ def _cmd_generate(args) -> int:
     from .text import load_tokenizer
 
     model = llama_jax.load(args.model, dtype=args.dtype)
+    if args.quantization:  # weight-only: every Linear kernel stored quantized (llama_jax.quant)
+        from .quant import quantize_model
+
+        quantize_model(model, args.quantization)
     tok = load_tokenizer(args.tokenizer or args.model)
     single = len(args.prompt) == 1
     out = llama_jax.generate(model, args.prompt if not single else args.prompt[0], tok,
@@ -98,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
+    g.add_argument("--quantization", choices=("int8", "int4", "nf4"), default=None,
+                   help="weight-only quantized Linear kernels (dequantised in the matmul)")
     g.set_defaults(func=_cmd_generate)
 
     for name, help_ in (("pretrain", "continued pretraining on packed text"),
@@ -148,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-p", type=float, default=0.9)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dtype", default=None)
+    c.add_argument("--quantization", choices=("int8", "int4", "nf4"), default=None,
+                   help="weight-only quantized Linear kernels (dequantised in the matmul)")
     c.set_defaults(func=lambda a: __import__("llama_jax.chat", fromlist=["run_chat"]).run_chat(a))
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (docs/serve.md)")

@@ -16,6 +16,7 @@ from typing import Any
 
 ROPE_TYPES = ("default", "linear", "dynamic")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")  # llama_jax.attention.IMPLS
 
 
 class UnsupportedConfigError(ValueError):
@@ -46,7 +47,7 @@ class LlamaConfig:
     param_dtype: str = "float32"    # storage dtype of parameters
     scan_layers: bool = True        # lax.scan over stacked layers; False = unrolled loop
     remat: str = "none"             # one of REMAT_POLICIES
-    attention_impl: str | None = None  # None (XLA), "xla" or "cudnn" for jax.nn.dot_product_attention
+    attention_impl: str | None = None  # None = "xla"; "cudnn", "splash" or "auto" (llama_jax.attention)
     extra: dict = field(default_factory=dict, repr=False)  # unknown-but-harmless HF keys, kept for export
 
     RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "extra")
@@ -66,6 +67,8 @@ class LlamaConfig:
                 f"num_key_value_heads={self.num_key_value_heads}")
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling, "rope_scaling")
+        if self.attention_impl not in (None,) + ATTENTION_IMPLS:
+            raise UnsupportedConfigError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
         if self.remat not in REMAT_POLICIES:
             raise UnsupportedConfigError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
 

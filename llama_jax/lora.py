@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .quant import dequantize_model, kernel_shape
 from .safetensors_io import SafetensorsFile, write_file
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -179,7 +180,7 @@ def apply(model, *, rank: int, alpha: float, targets=ALL_TARGETS, dropout: float
 
     mesh = getattr(model, "mesh", None)
     scale = alpha / rank
-    specs = tuple((".".join(p), lin.kernel.get_value().shape) for p, lin in linears)
+    specs = tuple((".".join(p), kernel_shape(lin)) for p, lin in linears)
     # an abstract model (nnx.eval_shape: ShapeDtypeStruct kernels) gets abstract factors, sharded
     # as the concrete ones would be; its dropout keys stay small host arrays
     abstract = any(isinstance(lin.kernel.get_value(), jax.ShapeDtypeStruct) for _, lin in linears)
@@ -206,6 +207,32 @@ def apply(model, *, rank: int, alpha: float, targets=ALL_TARGETS, dropout: float
             a, b = jnp.asarray(a), jnp.asarray(b)
         lin.lora = nnx.data(LoRA(a, b, a_axes, b_axes, scale, dropout, keys))  # Linear declares it static None
     model.lora_config = LoraConfig(rank, alpha, targets, float(dropout), trainable_modules)
+    return model
+
+
+def prepare_frozen(model, *, frozen_dtype=None, quantization: str | None = None, tile: int = 64):
+    """After `apply`: the frozen base in `frozen_dtype` (None = the model's compute dtype: a frozen
+    base needs no float32 master copy), parameters trained in full (modules_to_save) in float32,
+    and with `quantization` (quant.FORMATS) every frozen Linear kernel stored quantized (QLoRA; the
+    factors stay float32).  In place; returns the model."""
+    from .hf import base_params
+    from .quant import quantize_model
+
+    cfg = lora_config(model)
+    _, full = _select(model, cfg.targets, cfg.trainable_modules)
+    fd = jnp.dtype(frozen_dtype or model.config.dtype)
+    for path, _ in base_params(model):
+        var = _var(model, path)
+        w = var.get_value()
+        want = jnp.dtype(jnp.float32) if path in full else fd
+        if not jnp.issubdtype(w.dtype, jnp.floating) or w.dtype == want:
+            continue
+        if isinstance(w, jax.ShapeDtypeStruct):
+            var.set_value(jax.ShapeDtypeStruct(w.shape, want, sharding=w.sharding))
+        else:
+            var.set_value(w.astype(want))
+    if quantization:
+        quantize_model(model, quantization, tile, skip={p[:-1] for p in full if p[-1] == "kernel"})
     return model
 
 
@@ -264,7 +291,9 @@ def _fold(kernel, a, b, scale):
 
 def merge(model):
     """Fold scale * A @ B into each kernel (in the kernel's dtype) and drop the LoRA modules, giving
-    a plain model that `llama_jax.save_hf` exports.  In place; returns the model."""
+    a plain model that `llama_jax.save_hf` exports.  A quantized base (QLoRA) is dequantised first
+    (to param_dtype), so the factors are folded into the dequantised base.  In place; returns the model."""
+    dequantize_model(model)
     for _, lin in _linears(model):
         if lin.lora is None:
             continue

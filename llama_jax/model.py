@@ -9,7 +9,9 @@ do not depend on that choice.
 One mask convention for padding, packing and the KV cache: every token has a segment id
 (0 = padding / empty cache slot) and a position; query q may see key k iff they share a
 non-zero segment and pos_k <= pos_q.  Without padding, packing or cache we pass `is_causal`
-instead of a mask, which lets GPUs take the cuDNN flash-attention path.
+instead of a mask, which lets GPUs take the cuDNN flash-attention path.  Without a cache, attention
+runs through `attention.attend` (`attention_impl`: xla / cudnn / splash / auto), which takes the
+segment ids (splash: causal mask and'ed with segment ids, no [T, T] scores) or the dense mask.
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from .attention import attend
 from .config import LlamaConfig
+from .quant import dequantize
 from .sharding import constrain
 
 
@@ -55,6 +60,13 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init.astype(_dt(cfg.param_dtype)), axes=tuple(axes))
         self.dtype = cfg.dtype
         self.lora = None  # set by llama_jax.lora.apply
+        self.quant = None  # a quant.QuantSpec when llama_jax.quant stored the kernel quantized
+
+    def weight(self, dt):
+        """The kernel in compute dtype `dt` (dequantised from its codes when quantized)."""
+        if self.quant is not None:
+            return dequantize(self.kernel[...], self.kernel_scale[...], self.quant, dt)
+        return self.kernel[...].astype(dt)
 
     def __call__(self, x):
         dt = _dt(self.dtype)
@@ -63,9 +75,12 @@ class Linear(nnx.Module):
         # (measured: an MLP's forward + backward 32% faster, docs/benchmarks.md).
         lead = x.shape[:-1]
         x = x.astype(dt).reshape(-1, x.shape[-1])
-        y = x @ self.kernel[...].astype(dt)
+        y = x @ self.weight(dt)
         if self.lora is not None:
             y = y + self.lora(x)
+        # remat 'save_dots' saves this (base + LoRA delta as one tensor; saving every dot output kept
+        # the LoRA B product too: twice the activations, 17.6 GiB of temporaries for 7B at 2048)
+        y = checkpoint_name(y, "proj")
         return y.reshape(*lead, y.shape[-1])
 
 
@@ -178,6 +193,7 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         q = constrain(q, ("batch", "length", "act_heads", None), mesh)
         if kv_cache is not None:
             # Write this call's keys/values into this layer's own [B, K, S, D] buffers (in place: they
@@ -188,9 +204,8 @@ class Attention(nnx.Module):
             kv_cache = (ck, cv)
             out = cached_attention(q, ck, cv, attn.mask, self.head_dim ** -0.5)
         else:
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=attn.mask, is_causal=attn.mask is None, scale=self.head_dim ** -0.5,
-                implementation=self.impl)
+            out = attend(q, k, v, attn.segment_ids, attn.mask, impl=self.impl, scale=self.head_dim ** -0.5,
+                         mesh=mesh)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv_cache
 
 
@@ -224,6 +239,7 @@ class Block(nnx.Module):
 class AttnInputs(NamedTuple):
     mask: jax.Array | None      # [B, 1, T, S] bool, or None = plain causal
     cache_index: jax.Array | None
+    segment_ids: jax.Array | None = None  # [B, T] of this call's tokens (splash attention's mask)
 
 
 class Cache(NamedTuple):
@@ -253,7 +269,9 @@ class Cache(NamedTuple):
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # every projection's output (Linear.__call__ names it): the matmul outputs without batch dims,
+    # with a LoRA projection's base product and delta saved as their sum
+    "save_dots": jax.checkpoint_policies.save_only_these_names("proj"),
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv"),
 }
 
@@ -351,7 +369,7 @@ class Llama(nnx.Module):
             longest = pos_all  # dynamic NTK: longest position in the cache, as HF
         else:
             attn = AttnInputs(None if plain_causal else make_mask(segment_ids, positions, segment_ids, positions),
-                              None)
+                              None, None if plain_causal else segment_ids.astype(jnp.int32))
             longest = positions
 
         x = self.embed_tokens(input_ids)

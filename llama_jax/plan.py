@@ -231,6 +231,7 @@ class Measured:
     resident_extra: int = 0        # buffers alive during the call that are not its arguments (PPO)
     double_counted: int = 0        # argument bytes counted twice (one buffer passed as two arguments)
     error: str | None = None
+    mosaic_calls: int = 0          # Pallas TPU kernels (splash attention) in the compiled program
     compiled: object = field(default=None, repr=False)
 
     @property
@@ -244,7 +245,7 @@ class Measured:
                 "output_bytes": self.output, "temp_bytes": self.temp, "alias_bytes": self.alias,
                 "code_bytes": self.code, "resident_extra_bytes": self.resident_extra,
                 "double_counted_bytes": self.double_counted, "total_bytes": self.total if not self.error else None,
-                "xla_flops_per_chip": self.flops, "error": self.error}
+                "xla_flops_per_chip": self.flops, "mosaic_calls": self.mosaic_calls, "error": self.error}
 
 
 def _oom(e: Exception) -> bool:
@@ -266,6 +267,10 @@ def compile_one(name: str, lower: Callable[[], object]) -> Measured:
         return m
     m.compile_s = time.perf_counter() - t0
     m.compiled = compiled
+    try:
+        m.mosaic_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    except Exception:  # pragma: no cover - text not available for this backend
+        pass
     ma = compiled.memory_analysis()
     if ma is not None:
         m.args, m.output, m.temp = ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes
@@ -319,6 +324,9 @@ class Plan:
                 "chips": t.chips, "hbm_bytes_per_chip": t.hbm_bytes, "usable_hbm_bytes_per_chip": t.usable_hbm_bytes,
                 "mesh": self.mesh, "batch": self.batch, "seq": self.seq, "remat": self.cfg["model"]["remat"],
                 "dtype": self.cfg["model"]["dtype"], "param_dtype": self.cfg["model"]["param_dtype"],
+                "attention_impl": self.cfg["model"]["attention_impl"],
+                "quantization": self.cfg["model"].get("quantization"),
+                "grad_accum": self.cfg["train"]["grad_accum"],
                 "peak_bytes_per_chip": self.peak, "fits": self.fits, **self.info,
                 "functions": [f.to_dict() for f in self.functions]}
 
@@ -555,7 +563,10 @@ def format_plan(p: Plan) -> str:
              + (f", {t.hbm_bytes / GIB:.0f} GiB HBM per chip, {_gib(t.usable_hbm_bytes)} GiB usable per XLA"
                 if t.hbm_bytes else "") + ")",
              f"  mesh {mesh} (data-parallel {p.mesh['data'] * p.mesh['fsdp']}, parameters fsdp-sharded); "
-             f"remat {mc['remat']}, compute {mc['dtype']}, params {mc['param_dtype']}"
+             f"remat {mc['remat']}, compute {mc['dtype']}, params {mc['param_dtype']}, "
+             f"attention {mc['attention_impl'] or 'xla'}"
+             + (f", frozen base {mc['quantization']} (tile {mc.get('quant_tile')})" if mc.get("quantization") else "")
+             + (f", grad_accum {p.cfg['train']['grad_accum']}" if int(p.cfg['train']['grad_accum']) > 1 else "")
              + (f", LoRA r={p.cfg['lora']['rank']}" + (f" + {'/'.join(p.cfg['lora']['trainable_modules'])} in full"
                                                         if p.cfg['lora']['trainable_modules'] else "")
                 if p.cfg["lora"]["enabled"] else ", full fine-tuning"),

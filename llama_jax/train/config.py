@@ -19,7 +19,10 @@ COMMON: dict[str, Any] = {
         "param_dtype": "float32",  # master weights
         "remat": "none",
         "scan_layers": True,
-        "attention_impl": None,
+        "attention_impl": None,   # xla | cudnn | splash | auto (llama_jax.attention)
+        "frozen_dtype": None,     # LoRA: the frozen base's dtype (None = the compute dtype)
+        "quantization": None,     # LoRA: int8 | int4 | nf4 frozen base (QLoRA, llama_jax.quant)
+        "quant_tile": 64,         # int4 / nf4: input rows per scale
     },
     "tokenizer": None,            # tokenizer dir / tokenizer.model (default: the model dir)
     "lora": {

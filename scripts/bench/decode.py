@@ -51,6 +51,8 @@ CONTENDERS = {
     "hf": ("hf", "float32", "transformers generate(do_sample=False), fp32, sdpa"),
     "jax-fp32": ("jax", "float32", "llama_jax.generate, fp32 (scan_layers=True)"),
     "jax-bf16": ("jax", "bfloat16", "llama_jax.generate, bf16 params + compute + KV cache"),
+    "jax-int8": ("jax", "float32", "llama_jax.generate, int8 weights (per channel, weight-only), fp32 compute"),
+    "jax-int8-bf16": ("jax", "bfloat16", "llama_jax.generate, int8 weights (per channel, weight-only), bf16 compute"),
     "jax-fp32-noscan": ("jax", "float32", "llama_jax.generate, fp32, scan_layers=False"),
     "jax-fp32-eigen": ("jax", "float32", "llama_jax.generate, fp32, YNNPACK fusions off (Eigen dots)", NO_YNN),
     "probe-mm": ("mm", "float32", "PROBE: only the step's weight matmuls (56 + lm_head), 127 steps in a fori_loop"),
@@ -90,6 +92,10 @@ def _jax_setup(spec):
     from llama_jax.model import Cache
 
     model = llama_jax.load(spec["ckpt"], dtype=spec["dtype"], scan_layers=spec.get("scan_layers", True))
+    if spec.get("quantization"):  # weight-only: every Linear's kernel int8 (embedding table as loaded)
+        from llama_jax.quant import quantize_model
+
+        quantize_model(model, spec["quantization"])
     cfg = model.config
     P = prompts()
     graphdef, state = nnx.split(model)
@@ -134,7 +140,8 @@ def _jax_setup(spec):
 
     info = {"tokens": {str(b): t for b, t in tokens.items()}, "jax": jax.__version__,
             "param_dtype": cfg.param_dtype, "dtype": cfg.dtype, "scan_layers": cfg.scan_layers,
-            "itemsize": jnp.dtype(cfg.param_dtype).itemsize, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "quantization": spec.get("quantization"),
+            "itemsize": 1 if spec.get("quantization") == "int8" else jnp.dtype(cfg.param_dtype).itemsize, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     return step, info
 
 
@@ -276,7 +283,7 @@ def run(names, rounds=3, split=True, budget_s=270.0, nbytes=1 << 30, quiet_wait_
         for name in names:
             kind, dtype, _, *flags = CONTENDERS[name]
             spec = {"kind": kind, "ckpt": ckpt, "dtype": dtype, "split": split,
-                    "scan_layers": not name.endswith("noscan")}
+                    "scan_layers": not name.endswith("noscan"), "quantization": "int8" if "int8" in name else None}
             workers.append(common.Worker(name, __file__, spec, env={"XLA_FLAGS": flags[0] if flags else ""}, log=log))
         for w in workers:
             ready[w.name] = w.wait_ready()
