@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ("sft", "supervised fine-tuning on chat data (full or LoRA)"),
                         ("dpo", "direct preference optimisation (sigmoid, hinge, ipo)"),
                         ("rm", "reward model on preference pairs (Bradley-Terry scalar head)"),
-                        ("ppo", "PPO (RLHF) from an SFT model with a reward model or reward function"),):
+                        ("ppo", "PPO (RLHF) from an SFT model with a reward model or reward function"),
+                        ("grpo", "GRPO (group-relative, no critic) with a reward function or reward model"),):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config (see configs/)")
         p.add_argument("--out", default=None, help="run directory (rerunning the same command resumes)")
