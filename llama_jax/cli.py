@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None)
     c.set_defaults(func=lambda a: __import__("llama_jax.chat", fromlist=["run_chat"]).run_chat(a))
 
-    d = sub.add_parser("demo", help="the whole pipeline (tokenizer -> pretrain -> SFT -> RM -> PPO) on a built-in task")
+    d = sub.add_parser("demo", help="the whole pipeline (tokenizer -> pretrain -> SFT -> RM -> PPO -> GRPO) on a "
+                                    "built-in task")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--data", default=None,
                    help="run on the real Chinese data of DIR (../shared/data layout) instead of the built-in "
@@ -155,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base tokenizer.model (default: DATA/llama2-tokenizer, else a small one trained on the fly)")
     d.add_argument("--ppo-reward", choices=["auto", "rm", "exact"], default="auto",
                    help="PPO's reward: the trained reward model, or the task's exact-match checker "
-                        "(auto: exact on the built-in task, rm with --data)")
+                        "(auto: rm; the built-in task's checker then drives the GRPO stage)")
     d.add_argument("--size", choices=["default", "tiny"], default="default",
                    help="tiny: a few steps per stage (a smoke test of the whole pipeline)")
+    d.add_argument("--seed", type=int, default=None, help="seed of the data and every stage (default 0)")
     d.set_defaults(func=_cmd_demo)
 
     def _cmd_resize(args) -> int:

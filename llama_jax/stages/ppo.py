@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..rl import ppo_math
-from ..rl.rollout import make_experience_fn, response_logprobs, response_values
+from ..rl.rollout import get_reward_fn, make_experience_fn, response_logprobs, response_values
 from ..train.config import ConfigError, load_config, stage_defaults
 from ..train.loop import TrainingError, init_opt_state, on_mesh, opt_state_shardings
 from ..train.optim import count_params, make_optimizer
@@ -76,6 +76,9 @@ DEFAULTS = stage_defaults(
         "kl_horizon": 10000,
         "whiten_rewards": False,
         "missing_eos_score": -1.0,  # score of a response with no EOS within max_new_tokens; null = keep
+        "score_clip": None,         # clip the (normalised) sequence score to [-c, c] (reward-model outliers)
+        "check_fn": None,           # a reward function evaluated on the rollouts but never trained on, logged as
+        "check_fn_args": {},        # check_score: the RM score rising while check_score falls is reward hacking
     },
     train={"steps": 100, "batch_size": 16, "lr": 1e-5, "schedule": "linear", "warmup_ratio": 0.0,
            "min_lr_ratio": 0.0, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "log_every": 1, "eval_every": 0,
@@ -156,6 +159,7 @@ class PPOTrainer(RolloutTrainer):
         self._prompt_batches(ids, mask, self.B)
         self._optimizers(pol_params, crit_params)
         self._init_params = (pol_params, crit_params)
+        self.check_fn = get_reward_fn(pc["check_fn"], pc["check_fn_args"]) if pc["check_fn"] else None
         self._build_fns()
 
     @classmethod
@@ -168,7 +172,7 @@ class PPOTrainer(RolloutTrainer):
         self.cfg = cfg
         cls._check(cfg)
         self.mesh, self.tok, self.config = mesh, None, policy.config
-        self.reward_offset = 0.0
+        self.reward_offset, self.check_fn = 0.0, None
         self._set_reward_fn()
         pol_params, crit_params = self._attach_models(policy, critic, critic_lora(cfg), rm)
         self._set_shapes([[0] * int(prompt_length)], int(cfg["train"]["batch_size"]))
@@ -235,14 +239,16 @@ class PPOTrainer(RolloutTrainer):
         self.experience_fn = make_experience_fn(self.policy_graphdef, self.critic_graphdef, self.rm_graphdef,
                                                 temperature=T, eos_ids=self.eos_ids)
         ctl = ppo_math.KLController(bool(pc["adaptive_kl"]), float(pc["kl_target"]), float(pc["kl_horizon"]))
-        kind, miss = pc["kl_estimator"], pc["missing_eos_score"]
+        kind, miss, sclip = pc["kl_estimator"], pc["missing_eos_score"], pc["score_clip"]
         gamma, lam, B = float(pc["gamma"]), float(pc["lam"]), self.B
 
         def advantages(exp, scores, beta):
             mask = exp["mask"]
             raw = scores.astype(jnp.float32)
+            if sclip is not None:
+                scores = jnp.clip(scores, -float(sclip), float(sclip))
             if miss is not None:
-                scores = jnp.where(exp["has_eos"], raw, jnp.float32(miss))
+                scores = jnp.where(exp["has_eos"], scores, jnp.float32(miss))
             kl = ppo_math.kl_estimate(exp["logprobs"], exp["ref_logprobs"], kind) * mask
             rewards, non_score = ppo_math.token_rewards(scores, kl, mask, beta)
             if pc["whiten_rewards"]:
@@ -377,6 +383,9 @@ class PPOTrainer(RolloutTrainer):
                                  tokens)
         scores = self.sequence_rewards(exp, prompts["prompt_ids"], tokens)
         adv, stats, new_beta = self.advantages_fn(exp, scores, st["beta"])
+        if self.check_fn is not None:  # monitored, never trained on
+            stats = {**stats, "check_score": jnp.mean(self._call_reward(prompts["prompt_ids"], tokens, exp["mask"],
+                                                                        self.check_fn, "check_fn"))}
         batch = {**exp, **adv, "scores": scores, "prompt_ids": prompts["prompt_ids"]}
         return batch, stats, new_beta
 

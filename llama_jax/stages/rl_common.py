@@ -242,14 +242,15 @@ class RolloutTrainer:
             return self._call_reward(prompt_ids, tokens, exp["mask"])
         return exp["scores"] - jnp.float32(self.reward_offset)  # normalised RM score
 
-    def _call_reward(self, prompt_ids, tokens, mask):
+    def _call_reward(self, prompt_ids, tokens, mask, fn=None, key: str = "reward_fn"):
+        """fn (default: the reward function) on the host, checked, back as a [B] device array."""
         p, t, m = host(prompt_ids), host(tokens), host(mask)
-        name = self.cfg[self.section]["reward_fn"]
-        r = np.asarray(self.reward_fn(p, t, m), dtype=np.float32)
+        name = f"{self.section}.{key} {self.cfg[self.section][key]!r}"
+        r = np.asarray((fn or self.reward_fn)(p, t, m), dtype=np.float32)
         if r.shape != (t.shape[0],):
-            raise TrainingError(f"{self.section}.reward_fn {name!r} returned shape {r.shape}, expected ({t.shape[0]},)")
+            raise TrainingError(f"{name} returned shape {r.shape}, expected ({t.shape[0]},)")
         if not np.all(np.isfinite(r)):
-            raise TrainingError(f"{self.section}.reward_fn {name!r} returned non-finite rewards")
+            raise TrainingError(f"{name} returned non-finite rewards")
         sh = mask.sharding if isinstance(mask.sharding, NamedSharding) else None
         if sh is None:
             return jnp.asarray(r)

@@ -43,7 +43,7 @@ class ConfigError(ValueError):
 
 
 # mappings whose keys are not ours to check (LlamaConfig fields, a reward factory's arguments)
-FREE_FORM = {"overrides", "reward_fn_args"}
+FREE_FORM = {"overrides", "reward_fn_args", "check_fn_args"}
 
 
 def _merge(base: dict, over: dict, where: str, source: str) -> dict:
