@@ -51,6 +51,7 @@ class Sizes:
     rm_steps: int = 200
     ppo_steps: int = 20
     grpo_steps: int = 20
+    grpo_prompts: int = 16  # per step, x G = 8 samples
     seed: int = 0
 
 
@@ -266,7 +267,7 @@ def stage_configs(out: Path, data: DemoData, tok_dir: Path, tok_m: dict, n: Size
                      "temperature": 1.0, "epochs": 1, "minibatches": 2, "clip_low": 0.2, "clip_high": 0.28,
                      "scale_rewards": True, "kl_coef": 0.02, "kl_in": "loss", "kl_estimator": "k3",
                      "aggregation": "token", "drop_equal_groups": True, "missing_eos_score": -1.0},
-            "train": {**common_train, "steps": n.grpo_steps, "batch_size": 16, "lr": 5e-4, "warmup_ratio": 0.0,
+            "train": {**common_train, "steps": n.grpo_steps, "batch_size": n.grpo_prompts, "lr": 5e-4, "warmup_ratio": 0.0,
                       "schedule": "constant", "log_every": 2, "checkpoint_every": n.grpo_steps},
         }} if checkable else {}),
     }
@@ -359,7 +360,8 @@ SIZES = {
     "default": Sizes(),
     # a smoke run of every stage (tests): same code, a few steps each
     "tiny": Sizes(corpus_lines=300, sft_examples=200, pref_pairs=128, ppo_prompts=64, eval_questions=32,
-                  eval_pairs=64, pretrain_steps=20, sft_steps=10, rm_steps=8, ppo_steps=2, grpo_steps=2),
+                  eval_pairs=64, pretrain_steps=20, sft_steps=10, rm_steps=8, ppo_steps=2, grpo_steps=2,
+                  grpo_prompts=8),  # 8 x G = 64 rollouts: the shapes of the tiny PPO rollouts
 }
 
 

@@ -153,7 +153,7 @@ def _trl_setup(spec):
     args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl_grpo_"), per_device_train_batch_size=PROMPTS * G,
                       gradient_accumulation_steps=1, num_generations=G, steps_per_generation=1, num_iterations=1,
                       max_completion_length=N, temperature=TEMPERATURE, top_p=1.0, beta=BETA, epsilon=0.2,
-                      loss_type="dapo", scale_rewards=True, learning_rate=LR, lr_scheduler_type="constant",
+                      loss_type="dapo", scale_rewards="group", learning_rate=LR, lr_scheduler_type="constant",
                       max_steps=100000, bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no",
                       report_to=[], logging_steps=1, disable_tqdm=True, seed=0, use_cpu=True,
                       dataloader_num_workers=0, shuffle_dataset=False)
