@@ -47,7 +47,7 @@ class Sizes:
     eval_questions: int = 256
     eval_pairs: int = 400
     pretrain_steps: int = 300
-    sft_steps: int = 300
+    sft_steps: int = 150   # seed 0: 100 steps 37.1 %, 150 68.4 %, 300 98.8 % held-out exact-match (docs/rl.md)
     rm_steps: int = 200
     ppo_steps: int = 20
     grpo_steps: int = 20
