@@ -264,10 +264,12 @@ def stage_configs(out: Path, data: DemoData, tok_dir: Path, tok_m: dict, n: Size
             "data": {"prompt_files": _strs(data.ppo_prompts), "template": TEMPLATE, "max_prompt_length": 48},
             "grpo": {"reward_fn": "llama_jax.synthetic:exact_match_reward",
                      "reward_fn_args": {"tokenizer": str(tok_dir)}, "group_size": 8, "max_new_tokens": 24,
-                     "temperature": 1.0, "epochs": 1, "minibatches": 2, "clip_low": 0.2, "clip_high": 0.28,
+                     # T = 0.7, lr 2e-4: from the 37.1 % SFT model, T = 1.0 / lr 5e-4 fell to 21.1 %, this to
+                     # 34.4 % (20 iterations, docs/rl.md): GRPO does not yet raise greedy exact-match here
+                     "temperature": 0.7, "epochs": 1, "minibatches": 2, "clip_low": 0.2, "clip_high": 0.28,
                      "scale_rewards": True, "kl_coef": 0.02, "kl_in": "loss", "kl_estimator": "k3",
                      "aggregation": "token", "drop_equal_groups": True, "missing_eos_score": -1.0},
-            "train": {**common_train, "steps": n.grpo_steps, "batch_size": n.grpo_prompts, "lr": 5e-4, "warmup_ratio": 0.0,
+            "train": {**common_train, "steps": n.grpo_steps, "batch_size": n.grpo_prompts, "lr": 2e-4, "warmup_ratio": 0.0,
                       "schedule": "constant", "log_every": 2, "checkpoint_every": n.grpo_steps},
         }} if checkable else {}),
     }
