@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ("sft", "supervised fine-tuning on chat data (full or LoRA)"),
                         ("dpo", "direct preference optimisation (sigmoid, hinge, ipo)"),
                         ("rm", "reward model on preference pairs (Bradley-Terry scalar head)"),
-                        ("ppo", "PPO (RLHF) from an SFT model with a reward model or reward function"),):
+                        ("ppo", "PPO (RLHF) from an SFT model with a reward model or reward function"),
+                        ("grpo", "GRPO (group-relative, no critic) with a reward function or reward model"),):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config (see configs/)")
         p.add_argument("--out", default=None, help="run directory (rerunning the same command resumes)")
@@ -178,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the model dir's name)")
     sv.set_defaults(func=lambda a: __import__("llama_jax.serve.server", fromlist=["run_serve"]).run_serve(a))
 
-    d = sub.add_parser("demo", help="the whole pipeline (tokenizer -> pretrain -> SFT -> RM -> PPO) on a built-in task")
+    d = sub.add_parser("demo", help="the whole pipeline (tokenizer -> pretrain -> SFT -> RM -> PPO -> GRPO) on a "
+                                    "built-in task")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--data", default=None,
                    help="run on the real data of DIR (../shared/data layout) from a real pretrained base "
@@ -191,9 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base tokenizer.model (default: DATA/llama2-tokenizer, else a small one trained on the fly)")
     d.add_argument("--ppo-reward", choices=["auto", "rm", "exact"], default="auto",
                    help="PPO's reward: the trained reward model, or the task's exact-match checker "
-                        "(auto: exact on the built-in task, rm with --data)")
+                        "(auto: rm; the built-in task's checker then drives the GRPO stage)")
     d.add_argument("--size", choices=["default", "tiny"], default="default",
                    help="tiny: a few steps per stage (a smoke test of the whole pipeline)")
+    d.add_argument("--seed", type=int, default=None, help="seed of the data and every stage (default 0)")
     d.set_defaults(func=_cmd_demo)
 
     def _cmd_resize(args) -> int:

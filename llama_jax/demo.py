@@ -17,6 +17,7 @@ each stage), OUT/plots/*.png, and every stage's run directory with its metrics.j
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -45,10 +46,12 @@ class Sizes:
     ppo_prompts: int = 2000
     eval_questions: int = 256
     eval_pairs: int = 400
-    pretrain_steps: int = 400
-    sft_steps: int = 80
-    rm_steps: int = 300
-    ppo_steps: int = 30
+    pretrain_steps: int = 300
+    sft_steps: int = 150   # seed 0: 100 steps 37.1 %, 150 68.4 %, 300 98.8 % held-out exact-match (docs/rl.md)
+    rm_steps: int = 200
+    ppo_steps: int = 20
+    grpo_steps: int = 20
+    grpo_prompts: int = 16  # per step, x G = 8 samples
     seed: int = 0
 
 
@@ -181,7 +184,10 @@ def _strs(paths) -> list[str]:
 
 def stage_configs(out: Path, data: DemoData, tok_dir: Path, tok_m: dict, n: Sizes,
                   ppo_reward: str = "rm") -> dict[str, dict]:
-    """The five stage configs (plain `llama-jax <stage>` YAML), chained through exported models."""
+    """The stage configs (plain `llama-jax <stage>` YAML), chained through exported models: pretrain,
+    SFT, RM, PPO (against the RM, or the checker with --ppo-reward exact) and, on the built-in task,
+    GRPO with the exact-match checker."""
+    checkable = bool(data.eval_questions)
     models = out / "models"
     vocab = tok_m["merged_vocab"]
     overrides = dict(MODEL, vocab_size=vocab, pad_token_id=tok_m["pad_id"])
@@ -224,13 +230,34 @@ def stage_configs(out: Path, data: DemoData, tok_dir: Path, tok_m: dict, n: Size
             "ppo": {**({"reward_model": str(models / "rm")} if ppo_reward == "rm" else
                        {"reward_fn": "llama_jax.synthetic:exact_match_reward",
                         "reward_fn_args": {"tokenizer": str(tok_dir)}, "value_model": str(models / "rm")}),
+                    **({"check_fn": "llama_jax.synthetic:exact_match_reward",
+                        "check_fn_args": {"tokenizer": str(tok_dir)}} if ppo_reward == "rm" and checkable else {}),
                     # rollouts at T=0.7, near the greedy answers the demo scores (at T=1 the sampled
                     # reward rose while greedy exact-match fell: 22.3 -> 16.4 %, docs/demo.md)
                     "max_new_tokens": 24, "temperature": 0.7, "epochs": 2,
-                    "minibatches": 2, "kl_coef": 0.05, "missing_eos_score": -1.0},
-            "train": {**common_train, "steps": n.ppo_steps, "batch_size": 64, "lr": 5e-4, "warmup_ratio": 0.0,
+                    "minibatches": 2, "kl_coef": 0.05, "missing_eos_score": -1.0,
+                    # against the RM: normalised scores clipped, beta adapted toward a KL target (docs/rl.md)
+                    **({"score_clip": 3.0, "kl_coef": 0.1, "adaptive_kl": True, "kl_target": 0.3,
+                        "kl_horizon": 128} if ppo_reward == "rm" else {})},
+            "train": {**common_train, "steps": n.ppo_steps, "batch_size": 64,
+                      "lr": 2e-4 if ppo_reward == "rm" else 5e-4, "warmup_ratio": 0.0,
                       "schedule": "constant", "log_every": 2, "checkpoint_every": n.ppo_steps},
         },
+        **({"grpo": {
+            "model": {"init": str(models / "sft")},
+            "tokenizer": str(tok_dir),
+            "lora": lora,
+            "data": {"prompt_files": _strs(data.ppo_prompts), "template": TEMPLATE, "max_prompt_length": 48},
+            "grpo": {"reward_fn": "llama_jax.synthetic:exact_match_reward",
+                     "reward_fn_args": {"tokenizer": str(tok_dir)}, "group_size": 8, "max_new_tokens": 24,
+                     # T = 0.7, lr 2e-4: from the 37.1 % SFT model, T = 1.0 / lr 5e-4 fell to 21.1 %, this to
+                     # 34.4 % (20 iterations, docs/rl.md): GRPO does not yet raise greedy exact-match here
+                     "temperature": 0.7, "epochs": 1, "minibatches": 2, "clip_low": 0.2, "clip_high": 0.28,
+                     "scale_rewards": True, "kl_coef": 0.02, "kl_in": "loss", "kl_estimator": "k3",
+                     "aggregation": "token", "drop_equal_groups": True, "missing_eos_score": -1.0},
+            "train": {**common_train, "steps": n.grpo_steps, "batch_size": n.grpo_prompts, "lr": 2e-4, "warmup_ratio": 0.0,
+                      "schedule": "constant", "log_every": 2, "checkpoint_every": n.grpo_steps},
+        }} if checkable else {}),
     }
 
 
@@ -246,11 +273,25 @@ def _first(recs: list[dict], key: str):
     return vals[0] if vals else None
 
 
+def hacking_signal(recs: list[dict]) -> dict | None:
+    """Reward hacking, seen in PPO's own log: the reward model's score (`score`) rising while the
+    checker that is never trained on (`check_score`, ppo.check_fn) falls.  Least-squares slopes per
+    iteration over the logged steps; `hacking` when the first is > 0 and the second < 0."""
+    import numpy as np
+
+    pts = [(r["step"], r["score"], r["check_score"]) for r in recs if "check_score" in r and "score" in r]
+    if len(pts) < 3:
+        return None
+    x, s, c = (np.asarray(v, np.float64) for v in zip(*pts))
+    ss, cs = float(np.polyfit(x, s, 1)[0]), float(np.polyfit(x, c, 1)[0])
+    return {"score_slope": round(ss, 5), "check_slope": round(cs, 5), "hacking": bool(ss > 0 and cs < 0)}
+
+
 # ----------------------------------------------------------------------------- evaluation
 def _prompt_ids(tok, question: str) -> list[int]:
-    from .data.chat import ASSISTANT, USER, Conversation, get_template
+    from .data.chat import USER, Conversation, generation_prompt_ids
 
-    return get_template(TEMPLATE).exchanges(Conversation(None, [(USER, question), (ASSISTANT, "x")]), tok)[0][0]
+    return generation_prompt_ids(Conversation(None, [(USER, question)]), tok, TEMPLATE)
 
 
 def answers(model, tok, questions: list[str], max_new_tokens: int = 24, temperature: float = 0.0,
@@ -307,7 +348,8 @@ SIZES = {
     "default": Sizes(),
     # a smoke run of every stage (tests): same code, a few steps each
     "tiny": Sizes(corpus_lines=300, sft_examples=200, pref_pairs=128, ppo_prompts=64, eval_questions=32,
-                  eval_pairs=64, pretrain_steps=20, sft_steps=10, rm_steps=8, ppo_steps=2),
+                  eval_pairs=64, pretrain_steps=20, sft_steps=10, rm_steps=8, ppo_steps=2, grpo_steps=2,
+                  grpo_prompts=8),  # 8 x G = 64 rollouts: the shapes of the tiny PPO rollouts
 }
 
 
@@ -348,13 +390,15 @@ def run_demo(args) -> int:
     import llama_jax
 
     from .export import export
-    from .stages import ppo, pretrain, reward, sft
+    from .stages import grpo, ppo, pretrain, reward, sft
     from .text import load_tokenizer
 
     t_start = time.perf_counter()
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     n = SIZES[getattr(args, "size", "default") or "default"]
+    if getattr(args, "seed", None) is not None:
+        n = dataclasses.replace(n, seed=int(args.seed))
     data_dir = Path(args.data) if args.data else None
     if data_dir is not None and not data_dir.is_dir():
         raise FileNotFoundError(f"--data {data_dir}: not a directory")
@@ -366,7 +410,7 @@ def run_demo(args) -> int:
         else f"real data under {data_dir}", "sizes": n.__dict__, "model": MODEL})
     runs, models = out / "runs", out / "models"
 
-    _banner("1/5 tokenizer: train a Chinese BPE, merge it into the base")
+    _banner("1/6 tokenizer: train a Chinese BPE, merge it into the base")
     t0 = time.perf_counter()
     tok_dir, tm = tokenizer_stage(out, data, _resolve_base(args, data_dir), 200 if checkable else 4000)
     tm["seconds"] = round(time.perf_counter() - t0, 1)
@@ -374,7 +418,8 @@ def run_demo(args) -> int:
     print(f"base {tm['base_vocab']} pieces ({tm['base_kind']}) + Chinese -> {tm['merged_vocab']} pieces; "
           f"chars/token on held-out text {tm['chars_per_token_base']:.2f} -> {tm['chars_per_token_merged']:.2f}")
     tok = load_tokenizer(tok_dir)
-    reward_kind = args.ppo_reward if args.ppo_reward != "auto" else ("exact" if checkable else "rm")
+    # PPO against the reward model (the method reproduced); the checker drives GRPO on the built-in task
+    reward_kind = args.ppo_reward if args.ppo_reward != "auto" else "rm"
     if reward_kind == "exact" and not checkable:
         raise ValueError("--ppo-reward exact needs the built-in task (it checks answers); use rm with --data")
     cfgs = {k: _write_config(out, k, v) for k, v in stage_configs(out, data, tok_dir, tm, n, reward_kind).items()}
@@ -391,14 +436,14 @@ def run_demo(args) -> int:
     def em(model_dir: Path, **kw):
         return exact_match(llama_jax.load(model_dir), tok, data.eval_questions, **kw)
 
-    _banner("2/5 continued pretraining (toy Llama, random init)")
+    _banner("2/6 continued pretraining (toy Llama, random init)")
     recs, secs = run_stage("pretrain", pretrain, "pretrained")
     pm = {"seconds": secs, "steps": n.pretrain_steps, "eval_ppl_first": _first(recs, "eval_ppl"),
           "eval_ppl": _last(recs, "eval_ppl"), "loss": _last(recs, "loss"),
           "tokens_per_sec": _last(recs, "tokens_per_sec")}
     report.stage("pretrain", pm)
 
-    _banner("3/5 SFT with LoRA (+ embed_tokens / lm_head in full)")
+    _banner("3/6 SFT with LoRA (+ embed_tokens / lm_head in full)")
     sm = {}
     if checkable:
         sm["exact_match_before"], _ = em(models / "pretrained")
@@ -409,7 +454,7 @@ def run_demo(args) -> int:
         sm["exact_match"], sft_replies = em(models / "sft")
     report.stage("sft", sm)
 
-    _banner("4/5 reward model (pairwise, on the SFT backbone)")
+    _banner("4/6 reward model (pairwise, on the SFT backbone)")
     recs, secs = run_stage("rm", reward, "rm", exporter=reward.export)
     rm = {"seconds": secs, "steps": n.rm_steps, "eval_accuracy": _last(recs, "eval_accuracy"),
           "eval_accuracy_first": _first(recs, "eval_accuracy"), "eval_margin": _last(recs, "eval_margin"),
@@ -419,25 +464,41 @@ def run_demo(args) -> int:
         rm["eval_accuracy_by_corruption"] = pair_accuracy_by_kind(rm_model, tok, data.pref_eval[0])
     report.stage("rm", rm)
 
-    _banner(f"5/5 PPO (LoRA policy, reference = LoRA off, critic from the RM; reward: "
+    _banner(f"5/6 PPO (LoRA policy, reference = LoRA off, critic from the RM; reward: "
             f"{'the RM' if reward_kind == 'rm' else 'exact-match checker'})")
     recs, secs = run_stage("ppo", ppo, "ppo")
     qm = {"seconds": secs, "iterations": n.ppo_steps, "score_first": _first(recs, "score"),
-          "score_last": _last(recs, "score"), "kl_last": _last(recs, "kl"),
-          "response_length_last": _last(recs, "response_length")}
+          "score_last": _last(recs, "score"), "kl_last": _last(recs, "kl"), "kl": _last(recs, "kl"),
+          "response_length_last": _last(recs, "response_length"), "beta_last": _last(recs, "beta"),
+          "check_score_first": _first(recs, "check_score"), "check_score_last": _last(recs, "check_score")}
     qm["reward"] = reward_kind
+    qm["hacking_signal"] = hacking_signal(recs)
+    off = json.loads((models / "rm" / "config.json").read_text()).get("reward_offset", 0.0)
     if checkable:
         qs = [e.question for e in data.eval_questions]
         qm["exact_match_before"], before = sm["exact_match"], sft_replies
         qm["exact_match"], after = em(models / "ppo")
-        off = json.loads((models / "rm" / "config.json").read_text()).get("reward_offset", 0.0)
         # the reward model's view of the greedy answers, before and after PPO (normalised scores)
-        qm["rm_score_greedy_before"] = float(rm_scores(rm_model, tok, qs, before).mean() - off)
-        qm["rm_score_greedy"] = float(rm_scores(rm_model, tok, qs, after).mean() - off)
+        sm["rm_score"] = qm["rm_score_greedy_before"] = float(rm_scores(rm_model, tok, qs, before).mean() - off)
+        qm["rm_score"] = qm["rm_score_greedy"] = float(rm_scores(rm_model, tok, qs, after).mean() - off)
+        sm["kl"] = 0.0
+        report.stage("sft", sm)
     report.stage("ppo", qm)
 
+    if "grpo" in cfgs:
+        _banner("6/6 GRPO (LoRA policy from the SFT model, G = 8 samples per prompt, exact-match checker reward)")
+        recs, secs = run_stage("grpo", grpo, "grpo")
+        gm = {"seconds": secs, "iterations": n.grpo_steps, "score_first": _first(recs, "score"),
+              "score_last": _last(recs, "score"), "kl": _last(recs, "kl"), "reward": "exact",
+              "equal_group_frac_last": _last(recs, "equal_group_frac"),
+              "response_length_last": _last(recs, "response_length"),
+              "exact_match_before": sm["exact_match"]}
+        gm["exact_match"], g_after = em(models / "grpo")
+        gm["rm_score"] = float(rm_scores(rm_model, tok, [e.question for e in data.eval_questions], g_after).mean() - off)
+        report.stage("grpo", gm)
+
     samples = []
-    for stage in ("pretrained", "sft", "ppo"):
+    for stage in ("pretrained", "sft", "ppo") + (("grpo",) if "grpo" in cfgs else ()):
         replies = answers(llama_jax.load(models / stage), tok, data.sample_questions)
         samples += [{"model": stage, "question": q, "reply": r} for q, r in zip(data.sample_questions, replies)]
     if checkable:
@@ -450,7 +511,7 @@ def run_demo(args) -> int:
 
     from .plots import demo_plots
 
-    report.data["plots"] = [str(p) for p in demo_plots(runs, out / "plots")]
+    report.data["plots"] = [str(p) for p in demo_plots(runs, out / "plots", report.data["stages"])]
     report.save()
     print(summary_table(report.data))
     print(f"report: {out / 'report.json'}   plots: {out / 'plots'}   total {report.data['seconds']:.0f} s")
@@ -481,6 +542,15 @@ def summary_table(rep: dict) -> str:
          _num(q.get("rm_score_greedy"))),
         ("ppo", "KL(policy || reference)", "0", _num(q.get("kl_last"), "{:.4f}")),
     ]
+    if q.get("check_score_first") is not None:
+        rows.append(("ppo", "checker on rollouts (never trained on)", _num(q.get("check_score_first")),
+                     _num(q.get("check_score_last"))))
+    g = s.get("grpo")
+    if g:
+        rows += [("grpo", "exact-match, held-out questions", _pct(g.get("exact_match_before")), _pct(g.get("exact_match"))),
+                 ("grpo", "checker reward of rollouts", _num(g.get("score_first")), _num(g.get("score_last"))),
+                 ("grpo", "RM score of greedy answers, held-out", _num(f.get("rm_score")), _num(g.get("rm_score"))),
+                 ("grpo", "KL(policy || reference)", "0", _num(g.get("kl"), "{:.4f}"))]
     w = [max(len(str(row[i])) for row in rows + [("stage", "metric", "before", "after")]) for i in range(4)]
     line = lambda row: "  ".join(str(c).ljust(w[i]) if i < 2 else str(c).rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
     out = [line(("stage", "metric", "before", "after")), "  ".join("-" * x for x in w)] + [line(r) for r in rows]

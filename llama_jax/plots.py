@@ -33,15 +33,17 @@ def _panel(ax, recs, keys, title, ylabel=None, logy=False):
         ax.legend(fontsize=8)
 
 
-def demo_plots(runs: Path, out: Path) -> list[Path]:
-    """losses.png (pretrain / SFT / RM), rm_accuracy.png, ppo.png (reward, KL, length)."""
+def demo_plots(runs: Path, out: Path, stages: dict | None = None) -> list[Path]:
+    """losses.png (pretrain / SFT / RM), rm_accuracy.png, ppo.png (reward, KL, length), grpo.png
+    (when a GRPO run exists), stages.png (held-out exact-match, RM score, KL of SFT / PPO / GRPO
+    from report.json's `stages`, when given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    m = {k: read_metrics(runs / k) for k in ("pretrain", "sft", "rm", "ppo")}
+    m = {k: read_metrics(runs / k) for k in ("pretrain", "sft", "rm", "ppo", "grpo")}
     written = []
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -62,11 +64,34 @@ def demo_plots(runs: Path, out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    _panel(axes[0], m["ppo"], ["score", "reward"], "PPO reward", "per rollout")
+    _panel(axes[0], m["ppo"], ["score", "reward", "check_score"], "PPO reward (check_score: never trained on)",
+           "per rollout")
     _panel(axes[1], m["ppo"], ["kl"], "PPO KL(policy || reference)", "nats / sequence")
     _panel(axes[2], m["ppo"], ["response_length"], "PPO response length", "tokens")
     fig.tight_layout()
     written.append(out / "ppo.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
+
+    if m["grpo"]:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+        _panel(axes[0], m["grpo"], ["score"], "GRPO checker reward", "per rollout")
+        _panel(axes[1], m["grpo"], ["kl"], "GRPO KL(policy || reference)", "nats / sequence")
+        _panel(axes[2], m["grpo"], ["equal_group_frac"], "GRPO groups with all-equal rewards", "fraction")
+        fig.tight_layout()
+        written.append(out / "grpo.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    if stages:
+        names = [k for k in ("sft", "ppo", "grpo") if k in stages and "exact_match" in stages[k]]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        for ax, key, title in zip(axes, ("exact_match", "rm_score", "kl"),
+                                  ("held-out exact-match", "RM score of greedy answers", "KL to the SFT policy")):
+            ax.bar(names, [stages[k].get(key) or 0.0 for k in names], color=["#777", "#c63", "#36c"][:len(names)])
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        written.append(out / "stages.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
     return written

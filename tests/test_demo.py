@@ -26,28 +26,36 @@ def demo(tmp_path_factory):
 def test_report_and_stage_chaining(demo):
     out, rep = demo
     st = rep["stages"]
-    assert set(st) == {"tokenizer", "pretrain", "sft", "rm", "ppo"}
+    assert set(st) == {"tokenizer", "pretrain", "sft", "rm", "ppo", "grpo"}
+    # every RL and SFT stage reports held-out exact-match, the RM's score of its greedy answers and KL
+    for k in ("sft", "ppo", "grpo"):
+        assert 0.0 <= st[k]["exact_match"] <= 1.0 and st[k]["rm_score"] is not None and st[k]["kl"] >= -1e-6
+    assert st["ppo"]["exact_match_before"] == st["grpo"]["exact_match_before"] == st["sft"]["exact_match"]
     # each stage's metrics are the last ones its run logged
     for name, key, rkey in [("pretrain", "eval_ppl", "eval_ppl"), ("sft", "eval_loss", "eval_loss"),
-                            ("rm", "eval_accuracy", "eval_accuracy"), ("ppo", "kl_last", "kl")]:
+                            ("rm", "eval_accuracy", "eval_accuracy"), ("ppo", "kl_last", "kl"), ("grpo", "kl", "kl"),
+                            ("ppo", "check_score_last", "check_score")]:
         recs = [json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert st[name][key] == [r[rkey] for r in recs if rkey in r][-1]
     # stages are chained through exported models, as their configs say
-    cfg = {k: yaml.safe_load((out / "configs" / f"{k}.yaml").read_text()) for k in ("pretrain", "sft", "rm", "ppo")}
+    cfg = {k: yaml.safe_load((out / "configs" / f"{k}.yaml").read_text())
+           for k in ("pretrain", "sft", "rm", "ppo", "grpo")}
     assert cfg["sft"]["model"]["init"] == str(out / "models" / "pretrained")
-    assert cfg["rm"]["model"]["init"] == cfg["ppo"]["model"]["init"] == str(out / "models" / "sft")
-    # built-in task: PPO's reward is the exact-match checker, its critic starts from the RM
-    assert cfg["ppo"]["ppo"]["reward_fn"] == "llama_jax.synthetic:exact_match_reward"
-    assert cfg["ppo"]["ppo"]["value_model"] == str(out / "models" / "rm") and rep["stages"]["ppo"]["reward"] == "exact"
+    assert cfg["rm"]["model"]["init"] == cfg["ppo"]["model"]["init"] == cfg["grpo"]["model"]["init"] \
+        == str(out / "models" / "sft")
+    # PPO against the RM (critic from it too), the checker only monitored; GRPO on the checker
+    assert cfg["ppo"]["ppo"]["reward_model"] == str(out / "models" / "rm") and st["ppo"]["reward"] == "rm"
+    assert cfg["ppo"]["ppo"]["check_fn"] == cfg["grpo"]["grpo"]["reward_fn"] == "llama_jax.synthetic:exact_match_reward"
+    assert cfg["ppo"]["ppo"]["adaptive_kl"] and cfg["ppo"]["ppo"]["score_clip"] > 0
     assert cfg["sft"]["lora"]["enabled"] and cfg["sft"]["lora"]["trainable_modules"] == ["embed_tokens", "lm_head"]
-    for m in ("pretrained", "sft", "rm", "ppo"):
+    for m in ("pretrained", "sft", "rm", "ppo", "grpo"):
         assert (out / "models" / m / "config.json").exists()
     # the RM export carries its normalisation offset, which PPO subtracted
     assert "reward_offset" in json.loads((out / "models" / "rm" / "config.json").read_text())
     # PPO started at the SFT policy: KL to the reference is reported and finite
     assert st["ppo"]["kl_last"] is not None and st["ppo"]["kl_last"] >= -1e-6
     assert 0.0 <= st["sft"]["exact_match"] <= 1.0 and st["sft"]["exact_match_before"] == 0.0
-    assert len(rep["samples"]) == 3 * 4 and all("correct" in s for s in rep["samples"])
+    assert len(rep["samples"]) == 4 * 4 and all("correct" in s for s in rep["samples"])
 
 
 def test_tokenizer_stage_shortens_chinese(demo):
@@ -63,7 +71,8 @@ def test_tokenizer_stage_shortens_chinese(demo):
 
 def test_plots_are_pngs(demo):
     out, rep = demo
-    assert {p.split("/")[-1] for p in rep["plots"]} == {"losses.png", "rm_accuracy.png", "ppo.png"}
+    assert {p.split("/")[-1] for p in rep["plots"]} == {"losses.png", "rm_accuracy.png", "ppo.png", "grpo.png",
+                                                         "stages.png"}
     for p in rep["plots"]:
         head = open(p, "rb").read(24)
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
@@ -88,6 +97,8 @@ def test_ppo_on_the_reward_model_config(tmp_path):
     c = stage_configs(tmp_path, data, tmp_path / "tok", tm, SIZES["tiny"], ppo_reward="rm")["ppo"]
     assert c["ppo"]["reward_model"] == str(tmp_path / "models" / "rm") and "reward_fn" not in c["ppo"]
     assert c["model"]["init"] == str(tmp_path / "models" / "sft") and c["lora"]["enabled"]
+    assert "check_fn" not in c["ppo"] and c["ppo"]["adaptive_kl"]  # nothing to check answers with on real data
+    assert "grpo" not in stage_configs(tmp_path, data, tmp_path / "tok", tm, SIZES["tiny"])  # GRPO needs the checker
     # no held-out files given: the stages hold out a fraction themselves
     cs = stage_configs(tmp_path, data, tmp_path / "tok", tm, SIZES["tiny"])
     assert cs["pretrain"]["data"]["eval_fraction"] == 0.05 and cs["rm"]["data"]["eval_fraction"] == 0.1

@@ -94,7 +94,8 @@ def test_first_minibatch_ratio_one_and_kl_zero(tmp_path, mode):
             f"model.init={tmp_path / 'sft'}", "data.prompt_ids=[[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 4], [1, 12, 13]]",
             f"ppo.reward_model={tmp_path / 'rm'}", "lora.enabled=true", "lora.rank=4", "lora.alpha=8",
             "ppo.temperature=0.7", "ppo.max_new_tokens=6", "train.batch_size=8", "ppo.minibatches=2", "ppo.epochs=2",
-            "train.lr=1e-2", "mesh.fsdp=1", "train.progress=false", "ppo.kl_coef=0.1"])
+            "train.lr=1e-2", "mesh.fsdp=1", "train.progress=false", "ppo.kl_coef=0.1",
+            "ppo.check_fn=copy_last_token", "ppo.score_clip=0.05"])
     else:
         cfg = load_config(ppo.DEFAULTS, TOY, SMALL)
     T = float(cfg["ppo"]["temperature"])
@@ -106,6 +107,13 @@ def test_first_minibatch_ratio_one_and_kl_zero(tmp_path, mode):
         assert not tr.lora
     batch, stats, _ = tr.collect(st, 0)
     mask = np.asarray(batch["mask"])
+    if mode == "lora+rm":
+        # the RM score is clipped before the missing-EOS score; the checker is logged, not trained on
+        sc = np.clip(np.asarray(batch["scores"]), -0.05, 0.05)
+        want = np.where(np.asarray(batch["has_eos"]), sc, -1.0).mean()
+        assert abs(float(stats["score"]) - want) < 1e-6 and np.abs(np.asarray(batch["scores"])).max() > 0.05
+        chk = rollout.REWARDS["copy_last_token"](np.asarray(batch["prompt_ids"]), np.asarray(batch["tokens"]), mask)
+        assert abs(float(stats["check_score"]) - chk.mean()) < 1e-6
     assert len({tuple(r) for r in np.asarray(batch["tokens"])}) > 1  # really sampled
     assert len(set(np.asarray(batch["attn"])[:, :4].sum(-1).tolist())) > 1  # prompts of several lengths
 
@@ -150,6 +158,17 @@ def test_first_minibatch_ratio_one_and_kl_zero(tmp_path, mode):
     assert float(stats2["kl"]) != 0.0
     _, u2 = tr.update_fn(st, tr.policy_frozen, tr.critic_frozen, batch2, jax.random.key(1))
     assert float(u2["ratio_maxdev_first"]) <= 1e-5  # still 1 after the policy has moved
+
+
+def test_hacking_signal():
+    """The demo's reward-hacking flag: RM score rising while the never-trained-on checker falls."""
+    from llama_jax.demo import hacking_signal
+
+    recs = [{"step": s, "score": 0.1 * s, "check_score": 0.5 - 0.02 * s} for s in (2, 4, 6, 8)]
+    h = hacking_signal(recs)
+    assert h["hacking"] and abs(h["score_slope"] - 0.1) < 1e-9 and abs(h["check_slope"] + 0.02) < 1e-9
+    assert not hacking_signal([{**r, "check_score": 0.1 + 0.01 * r["step"]} for r in recs])["hacking"]
+    assert hacking_signal(recs[:2]) is None and hacking_signal([{"step": 1, "score": 0.0}] * 4) is None
 
 
 # ----------------------------------------------------------------------------- (b) exact optimum

@@ -145,23 +145,35 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
 
 
 # ----------------------------------------------------------------------------- losses
-def policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2):
-    """Clipped surrogate (to minimise) and its diagnostics, means over valid tokens."""
+def clipped_surrogate(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float | None = None):
+    """Per-token clipped surrogate max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) [B, N] (to
+    minimise; clip_high None = clip_low, > clip_low is DAPO's "clip-higher") and its diagnostics,
+    means over valid tokens.  `advantages` broadcasts against [B, N] (per token, or [B, 1])."""
+    clip_high = clip_low if clip_high is None else clip_high
     mask = mask.astype(F32)
     log_ratio = (logp.astype(F32) - old_logp.astype(F32)) * mask
     ratio = jnp.exp(log_ratio)
     adv = advantages.astype(F32)
     pg1 = -adv * ratio
-    pg2 = -adv * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(jnp.maximum(pg1, pg2), mask)
+    pg2 = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped = (pg2 > pg1).astype(F32)
     stats = {
-        "clip_frac": masked_mean((pg2 > pg1).astype(F32), mask),
+        "clip_frac": masked_mean(clipped, mask),
         "approx_kl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
         "ratio_mean": masked_mean(ratio, mask),
         "ratio_var": masked_var(ratio, mask, unbiased=False),
         "ratio_maxdev": jnp.max(jnp.abs(ratio - 1.0) * mask),
     }
-    return loss, stats
+    if clip_high != clip_low:
+        stats["clip_frac_low"] = masked_mean(clipped * (ratio < 1.0), mask)
+        stats["clip_frac_high"] = masked_mean(clipped * (ratio > 1.0), mask)
+    return jnp.maximum(pg1, pg2), stats
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2):
+    """Clipped surrogate (to minimise) and its diagnostics, means over valid tokens."""
+    per_token, stats = clipped_surrogate(logp, old_logp, advantages, mask, clip)
+    return masked_mean(per_token, mask.astype(F32)), stats
 
 
 def value_loss(values, old_values, returns, mask, clip: float = 0.2):

@@ -128,7 +128,8 @@ def reference_store(trainable):
 def make_experience_fn(policy_graphdef, critic_graphdef, rm_graphdef, *, temperature: float, eos_ids: tuple):
     """jit(fn(policy, policy_frozen, ref_store, critic, critic_frozen, rm_state, prompt_ids,
     prompt_mask, tokens) -> dict) with the response mask, EOS flags, the full sequence, old and
-    reference log-probs, values and (with a reward model) scores.  rm_graphdef None: no RM."""
+    reference log-probs, values and (with a reward model) scores.  rm_graphdef None: no RM;
+    critic_graphdef None: no critic (GRPO; pass None for critic and critic_frozen), no values."""
 
     def fn(pol, pol_frz, ref_store, crit, crit_frz, rm_state, prompt_ids, prompt_mask, tokens):
         mask, has_eos = ppo_math.response_mask(tokens, eos_ids)
@@ -137,11 +138,11 @@ def make_experience_fn(policy_graphdef, critic_graphdef, rm_graphdef, *, tempera
         logp, entropy = response_logprobs(policy, ids, attn, tokens, temperature)
         ref = nnx.merge(policy_graphdef, reference_state(pol, ref_store), pol_frz)
         ref_logp, _ = response_logprobs(ref, ids, attn, tokens, temperature)
-        critic = nnx.merge(critic_graphdef, crit, crit_frz)
-        values = response_values(critic, ids, attn, tokens.shape[1])
         out = {"tokens": tokens, "mask": mask, "has_eos": has_eos, "ids": ids, "attn": attn,
-               "logprobs": logp * mask, "ref_logprobs": ref_logp * mask, "values": values * mask,
-               "rollout_entropy": entropy}
+               "logprobs": logp * mask, "ref_logprobs": ref_logp * mask, "rollout_entropy": entropy}
+        if critic_graphdef is not None:
+            critic = nnx.merge(critic_graphdef, crit, crit_frz)
+            out["values"] = response_values(critic, ids, attn, tokens.shape[1]) * mask
         if rm_graphdef is not None:
             out["scores"] = sequence_scores(nnx.merge(rm_graphdef, rm_state), ids, attn, mask)
         return out

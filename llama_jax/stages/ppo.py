@@ -21,32 +21,23 @@ the training loop's layout for the policy, so `llama-jax export --model RUN_DIR`
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ..data.chat import (ASSISTANT, USER, Conversation, RecordError, Stats, _alpaca_prompt, _history, _system,
-                         generation_prompt_ids,
-                         get_template, iter_records, parse_messages)
-from ..data.packing import StepIndexedBatches
-from ..data.sources import DataError
-from ..generate import left_pad
 from ..rl import ppo_math
-from ..rl.rollout import (get_reward_fn, make_experience_fn, reference_store, response_logprobs, response_values,
-                          sample_responses)
-from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
-from ..train.loop import MetricsWriter, TrainingError, _to_global, init_opt_state, on_mesh, opt_state_shardings
+from ..rl.rollout import get_reward_fn, make_experience_fn, response_logprobs, response_values
+from ..train.config import ConfigError, load_config, stage_defaults
+from ..train.loop import TrainingError, init_opt_state, on_mesh, opt_state_shardings
 from ..train.optim import count_params, make_optimizer
-from .common import build_mesh, build_model, build_tokenizer, check_vocab
+from .common import build_model
+from .rl_common import RolloutTrainer, load_prompts, with_init  # noqa: F401  (load_prompts: public here too)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +76,9 @@ DEFAULTS = stage_defaults(
         "kl_horizon": 10000,
         "whiten_rewards": False,
         "missing_eos_score": -1.0,  # score of a response with no EOS within max_new_tokens; null = keep
+        "score_clip": None,         # clip the (normalised) sequence score to [-c, c] (reward-model outliers)
+        "check_fn": None,           # a reward function evaluated on the rollouts but never trained on, logged as
+        "check_fn_args": {},        # check_score: the RM score rising while check_score falls is reward hacking
     },
     train={"steps": 100, "batch_size": 16, "lr": 1e-5, "schedule": "linear", "warmup_ratio": 0.0,
            "min_lr_ratio": 0.0, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "log_every": 1, "eval_every": 0,
@@ -92,60 +86,6 @@ DEFAULTS = stage_defaults(
 )
 
 TIMING_FIELDS = ("iter_time_s", "rollout_time_s", "tokens_per_sec")
-
-
-# ----------------------------------------------------------------------------- prompts
-def _prompt_conversation(rec, stats, source) -> Conversation:
-    """A record's prompt: sharegpt messages up to the last user turn (any trailing reply dropped),
-    or an alpaca / preference record's instruction (+ input, history, system)."""
-    if not isinstance(rec, dict):
-        raise RecordError("bad_structure", "<record>", f"is {type(rec).__name__}, expected an object")
-    if "conversations" in rec or "messages" in rec:
-        key = "conversations" if "conversations" in rec else "messages"
-        system, messages = parse_messages(rec[key], key)
-        while messages and messages[-1][0] == ASSISTANT:
-            messages = messages[:-1]
-        if not messages:
-            raise RecordError("empty_prompt", key, "no user turn")
-        return Conversation(_system(rec, system), messages)
-    key = next((k for k in ("prompt", "question", "instruction") if k in rec), None)
-    if key is None:
-        raise RecordError("missing_field", "prompt", "missing: none of prompt, question, instruction or "
-                          f"conversations (fields: {', '.join(map(str, rec)) or 'none'})")
-    messages = _history(rec)
-    user, instruction, inp = _alpaca_prompt(rec, key)
-    inputs = {len(messages): (instruction, inp)} if inp.strip() else {}
-    return Conversation(_system(rec), messages + [(USER, user)], inputs)
-
-
-def load_prompts(cfg, tok) -> tuple[list[list[int]], Stats]:
-    dc = cfg["data"]
-    stats = Stats()
-    out = [list(map(int, p)) for p in dc["prompt_ids"]]
-    stats.add("prompts", len(out))
-    if dc["prompts"] or dc["prompt_files"]:
-        if tok is None:
-            raise ConfigError("data.prompts / data.prompt_files need a tokenizer")
-        template = get_template(dc["template"])
-        convs = [Conversation(None, [(USER, str(t))]) for t in dc["prompts"]]
-        files = dc["prompt_files"] if isinstance(dc["prompt_files"], list) else [dc["prompt_files"]]
-        if files:
-            convs += [c for _, c in iter_records([resolve_path(cfg, f) for f in files], _prompt_conversation,
-                                                 stats, dc["on_error"])]
-        for c in convs:
-            ids = generation_prompt_ids(c, tok, template)
-            if len(ids) > int(dc["max_prompt_length"]):
-                stats.add("skipped_too_long")
-                continue
-            out.append(ids)
-            stats.add("prompts")
-    if dc["max_prompts"]:
-        out = out[: int(dc["max_prompts"])]
-    if not out:
-        raise DataError("PPO: no prompts (data.prompt_files / data.prompts / data.prompt_ids)")
-    if any(len(p) == 0 for p in out):
-        raise DataError("PPO: an empty prompt (every prompt needs at least one token)")
-    return out, stats
 
 
 # ----------------------------------------------------------------------------- models
@@ -171,24 +111,6 @@ def _value_model_from_lm(lm, mesh=None):
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _reward_offset(cfg) -> float:
-    """ppo.reward_offset: a number, null (0), or auto: the normalisation offset the RM stage stores
-    with an exported RM (config.json `reward_offset`, or reward_norm.json `offset`), else 0."""
-    v = cfg["ppo"]["reward_offset"]
-    if v is None:
-        return 0.0
-    if v != "auto":
-        return float(v)
-    d = Path(resolve_path(cfg, cfg["ppo"]["reward_model"]))
-    for name, key in (("config.json", "reward_offset"), ("reward_norm.json", "offset")):
-        f = d / name
-        if f.is_file():
-            val = json.loads(f.read_text()).get(key)
-            if val is not None:
-                return float(val)
-    return 0.0
-
-
 def _share_frozen(score_model):
     """A second model over the same weight buffers, except the value head, which is copied: it is
     the one leaf of a LoRA critic that trains (its buffer is donated to the update, the others
@@ -205,76 +127,39 @@ def critic_lora(cfg) -> bool:
     return bool(cfg["lora"]["enabled"]) if v is None else bool(v)
 
 
-def _reference_store(trainable):
-    """rollout.reference_store, or for an abstract state (the planner's) the same leaves as shapes."""
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(trainable)):
-        return nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(trainable)
-                                    if not isinstance(v, nnx.LoRAParam)])
-    return reference_store(trainable)
+class PPOTrainer(RolloutTrainer):
+    """Models, data and the jitted pieces of one PPO iteration.  `run(run_dir)` (the shared loop
+    shell of `rl_common.RolloutTrainer`) is the loop."""
 
-
-def _with_init(cfg, init):
-    return {**cfg, "model": {**cfg["model"], "init": init}}
-
-
-def _host(x) -> np.ndarray:
-    if not x.is_fully_addressable:  # multi-host: every process gets the whole (small) array
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
-class PPOTrainer:
-    """Models, data and the jitted pieces of one PPO iteration.  `run(run_dir)` is the loop."""
+    section = task = "ppo"
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
         pc, tc = cfg["ppo"], cfg["train"]
         self._check(cfg)
-        self.mesh = build_mesh(cfg)
-        mesh = self.mesh
-        # token-id prompts need no tokenizer (toy tasks); text prompts do
-        need_tok = bool(cfg["data"]["prompts"] or cfg["data"]["prompt_files"])
-        self.tok = build_tokenizer(cfg) if need_tok or cfg.get("tokenizer") else None
-        prompts, self.prompt_stats = load_prompts(cfg, self.tok)
-
-        # -- policy (+ critic from its backbone, built before LoRA is attached)
-        policy = build_model(cfg, mesh, vocab_size=len(self.tok) if self.tok is not None else None)
-        if self.tok is not None:
-            check_vocab(self.tok, policy)
-        self.config = policy.config
-        V = policy.config.vocab_size
-        bad = [p for p in prompts if max(p) >= V or min(p) < 0]
-        if bad:
-            raise DataError(f"PPO: prompt ids outside the vocabulary [0, {V}): {bad[0]}")
-        rm, self.reward_offset = None, 0.0
-        if pc["reward_model"]:
-            rm = build_model(_with_init(cfg, pc["reward_model"]), mesh, None, head="score")
-            self.reward_offset = _reward_offset(cfg)
+        prompts, policy, rm = self._load(cfg)
+        mesh, V = self.mesh, self.config.vocab_size
+        # -- critic from the value model, the RM or the policy's backbone (built before LoRA is attached)
         critic_src = pc["value_model"] or pc["reward_model"]
         crit_lora = critic_lora(cfg)
         if critic_src and crit_lora and critic_src == pc["reward_model"]:
             critic = _share_frozen(rm)  # a LoRA critic on the RM: no second copy of the RM's base
         elif critic_src:
-            critic = build_model(_with_init(cfg, critic_src), mesh, None, head="score")
+            critic = build_model(with_init(cfg, critic_src), mesh, None, head="score")
         else:
             critic = _value_model_from_lm(policy, mesh)
-        for name, m in (("reward model", rm), ("value model", critic)):
-            if m is not None and m.config.vocab_size != V:
-                raise ConfigError(f"ppo: the {name} has vocab_size {m.config.vocab_size}, the policy {V}: "
-                                  "they must share the tokenizer")
+        if critic.config.vocab_size != V:
+            raise ConfigError(f"ppo: the value model has vocab_size {critic.config.vocab_size}, the policy {V}: "
+                              "they must share the tokenizer")
 
         pol_params, crit_params = self._attach_models(policy, critic, crit_lora, rm)
 
         # -- data: left-padded to one length, step-indexed like every other stage
-        ids, mask = self._set_shapes(prompts)
-        self.n_prompts = len(prompts)
-        self.batches = StepIndexedBatches({"prompt_ids": ids, "prompt_mask": mask}, self.B, int(tc["seed"]),
-                                          jax.process_index(), jax.process_count())
-        self.reward_fn = get_reward_fn(pc["reward_fn"], pc["reward_fn_args"]) if pc["reward_fn"] else None
+        ids, mask = self._set_shapes(prompts, int(tc["batch_size"]))
+        self._prompt_batches(ids, mask, self.B)
         self._optimizers(pol_params, crit_params)
         self._init_params = (pol_params, crit_params)
+        self.check_fn = get_reward_fn(pc["check_fn"], pc["check_fn_args"]) if pc["check_fn"] else None
         self._build_fns()
 
     @classmethod
@@ -287,11 +172,10 @@ class PPOTrainer:
         self.cfg = cfg
         cls._check(cfg)
         self.mesh, self.tok, self.config = mesh, None, policy.config
-        self.reward_offset = 0.0
-        self.reward_fn = (get_reward_fn(cfg["ppo"]["reward_fn"], cfg["ppo"]["reward_fn_args"])
-                          if cfg["ppo"]["reward_fn"] else None)
+        self.reward_offset, self.check_fn = 0.0, None
+        self._set_reward_fn()
         pol_params, crit_params = self._attach_models(policy, critic, critic_lora(cfg), rm)
-        self._set_shapes([[0] * int(prompt_length)])
+        self._set_shapes([[0] * int(prompt_length)], int(cfg["train"]["batch_size"]))
         self.n_prompts, self.batches = 0, None
         self._optimizers(pol_params, crit_params)
         self._init_params = None
@@ -303,9 +187,7 @@ class PPOTrainer:
         """LoRA on the policy (and the critic), the trainable / frozen splits, the reference store."""
         cfg = self.cfg
         tc, lc = cfg["train"], cfg["lora"]
-        from .lora_setup import maybe_apply_lora
-
-        pol_filter = maybe_apply_lora(cfg, policy)
+        pol_params = self._attach_policy(policy, rm)
         crit_filter = nnx.Param
         if critic_lora:
             from .. import lora
@@ -313,29 +195,9 @@ class PPOTrainer:
             lora.apply(critic, rank=int(lc["rank"]), alpha=float(lc["alpha"]), targets=tuple(lc["targets"]),
                        dropout=0.0, trainable_modules=("score",), seed=int(tc["seed"]))
             crit_filter = lora.trainable_filter(critic)
-        self.policy_graphdef, pol_params, self.policy_frozen = nnx.split(policy, pol_filter, ...)
         self.critic_graphdef, crit_params, self.critic_frozen = nnx.split(critic, crit_filter, ...)
-        self.rm_graphdef, self.rm_state = nnx.split(rm) if rm is not None else (None, None)
-        # reference = policy with LoRA off; only non-LoRA trainables (full FT) need a frozen copy
-        self.ref_store = _reference_store(pol_params)
-        self.n_policy_params, self.n_critic_params = count_params(pol_params), count_params(crit_params)
-        self.lora = bool(lc["enabled"])
+        self.n_critic_params = count_params(crit_params)
         return pol_params, crit_params
-
-    def _set_shapes(self, prompts):
-        """Pad id, EOS ids and the static shapes: P (padded prompt length), N (response), B (rollouts)."""
-        pc, tc = self.cfg["ppo"], self.cfg["train"]
-        self.pad_id = next(x for x in (self.config.pad_token_id, getattr(self.tok, "pad_token_id", None), 0)
-                           if x is not None)
-        self.eos_ids = self.config.eos_token_ids
-        if not self.eos_ids:
-            raise ConfigError("PPO: the model config has no eos_token_id (responses could never end)")
-        ids, mask = left_pad(prompts, self.pad_id)
-        self.P, self.N, self.B = ids.shape[1], int(pc["max_new_tokens"]), int(tc["batch_size"])
-        if self.P + self.N > self.config.max_position_embeddings and self.config.rope_type != "dynamic":
-            raise ConfigError(f"prompt length {self.P} + ppo.max_new_tokens {self.N} exceeds the model's "
-                              f"max_position_embeddings={self.config.max_position_embeddings}")
-        return ids, mask
 
     def _optimizers(self, pol_params, crit_params):
         """Policy and critic AdamW; the schedule runs over every minibatch update."""
@@ -377,14 +239,16 @@ class PPOTrainer:
         self.experience_fn = make_experience_fn(self.policy_graphdef, self.critic_graphdef, self.rm_graphdef,
                                                 temperature=T, eos_ids=self.eos_ids)
         ctl = ppo_math.KLController(bool(pc["adaptive_kl"]), float(pc["kl_target"]), float(pc["kl_horizon"]))
-        kind, miss = pc["kl_estimator"], pc["missing_eos_score"]
+        kind, miss, sclip = pc["kl_estimator"], pc["missing_eos_score"], pc["score_clip"]
         gamma, lam, B = float(pc["gamma"]), float(pc["lam"]), self.B
 
         def advantages(exp, scores, beta):
             mask = exp["mask"]
             raw = scores.astype(jnp.float32)
+            if sclip is not None:
+                scores = jnp.clip(scores, -float(sclip), float(sclip))
             if miss is not None:
-                scores = jnp.where(exp["has_eos"], raw, jnp.float32(miss))
+                scores = jnp.where(exp["has_eos"], scores, jnp.float32(miss))
             kl = ppo_math.kl_estimate(exp["logprobs"], exp["ref_logprobs"], kind) * mask
             rewards, non_score = ppo_math.token_rewards(scores, kl, mask, beta)
             if pc["whiten_rewards"]:
@@ -511,38 +375,19 @@ class PPOTrainer:
     # ------------------------------------------------------------------------- one iteration
     def collect(self, st, step: int):
         """Rollout + advantages for step `step`: (batch dict of device arrays, stats, new beta)."""
-        pc = self.cfg["ppo"]
-        rng = jax.random.fold_in(jax.random.key(int(self.cfg["train"]["seed"])), step)
-        prompts = _to_global(self.batches.batch(step), self.mesh, 0)
-        state = nnx.merge_state(st["params"], self.policy_frozen)
-        tokens = sample_responses(self.policy_graphdef, state, self.config, prompts["prompt_ids"],
-                                  prompts["prompt_mask"], jax.random.fold_in(rng, 0), max_new_tokens=self.N,
-                                  temperature=float(pc["temperature"]), eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                  mesh=self.mesh)
+        rng = self.step_rng(step)
+        prompts = self.step_prompts(step)
+        tokens = self.sample(st, prompts, jax.random.fold_in(rng, 0))
         exp = self.experience_fn(st["params"], self.policy_frozen, self.ref_store, st["critic_params"],
                                  self.critic_frozen, self.rm_state, prompts["prompt_ids"], prompts["prompt_mask"],
                                  tokens)
-        if self.reward_fn is not None:
-            scores = self._call_reward(prompts["prompt_ids"], tokens, exp["mask"])
-        else:
-            scores = exp["scores"] - jnp.float32(self.reward_offset)  # normalised RM score
+        scores = self.sequence_rewards(exp, prompts["prompt_ids"], tokens)
         adv, stats, new_beta = self.advantages_fn(exp, scores, st["beta"])
+        if self.check_fn is not None:  # monitored, never trained on
+            stats = {**stats, "check_score": jnp.mean(self._call_reward(prompts["prompt_ids"], tokens, exp["mask"],
+                                                                        self.check_fn, "check_fn"))}
         batch = {**exp, **adv, "scores": scores, "prompt_ids": prompts["prompt_ids"]}
         return batch, stats, new_beta
-
-    def _call_reward(self, prompt_ids, tokens, mask):
-        p, t, m = _host(prompt_ids), _host(tokens), _host(mask)
-        r = np.asarray(self.reward_fn(p, t, m), dtype=np.float32)
-        if r.shape != (t.shape[0],):
-            raise TrainingError(f"ppo.reward_fn {self.cfg['ppo']['reward_fn']!r} returned shape {r.shape}, "
-                                f"expected ({t.shape[0]},)")
-        if not np.all(np.isfinite(r)):
-            raise TrainingError(f"ppo.reward_fn {self.cfg['ppo']['reward_fn']!r} returned non-finite rewards")
-        sh = mask.sharding if isinstance(mask.sharding, NamedSharding) else None
-        if sh is None:
-            return jnp.asarray(r)
-        sh = NamedSharding(sh.mesh, P(sh.spec[0] if len(sh.spec) else None))
-        return jax.make_array_from_callback(r.shape, sh, lambda idx: r[idx])
 
     def iteration(self, st, step: int):
         """One PPO iteration from state `st` (donated); returns (new state, metrics as floats)."""
@@ -550,7 +395,7 @@ class PPOTrainer:
         batch, stats, new_beta = self.collect(st, step)
         jax.block_until_ready(batch["advantages"])
         t1 = time.perf_counter()
-        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(self.cfg["train"]["seed"])), step), 1)
+        rng = jax.random.fold_in(self.step_rng(step), 1)
         st, ustats = self.update_fn(st, self.policy_frozen, self.critic_frozen, batch, rng)
         st = {**st, "beta": new_beta}
         rec = {k: float(v) for k, v in jax.device_get({**stats, **ustats}).items()}
@@ -560,97 +405,27 @@ class PPOTrainer:
         rec["tokens_per_sec"] = self.B * (self.P + rec["response_length"]) / (t2 - t0)
         return st, rec
 
-    # ------------------------------------------------------------------------- the loop
+    # ------------------------------------------------------------------------- checkpoints (for the loop shell)
+    def checkpoint_items(self, st):
+        """`state` in the training loop's layout (so export finds the policy), the critic and the
+        KL controller beside it."""
+        return {"state": {"step": st["step"], "params": st["params"], "opt_state": st["opt_state"],
+                          "nonfinite": st["nonfinite"]},
+                "critic": {"params": st["critic_params"], "opt_state": st["critic_opt_state"]},
+                "controller": {"beta": st["beta"]}}
+
+    @staticmethod
+    def from_checkpoint_items(it):
+        return {**it["state"], "critic_params": it["critic"]["params"],
+                "critic_opt_state": it["critic"]["opt_state"], "beta": it["controller"]["beta"]}
+
+    def checkpoint_meta(self, st) -> dict:
+        return {"beta": float(st["beta"])}
+
     def run(self, run_dir) -> dict:
-        import orbax.checkpoint as ocp
-
-        cfg, tc = self.cfg, self.cfg["train"]
-        run_dir = Path(run_dir).absolute()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            (run_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
-                                                            indent=2, ensure_ascii=False) + "\n")
-        st = self.init_state()
-        steps = int(tc["steps"])
-        mgr = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
-            max_to_keep=int(tc["keep_checkpoints"]), create=True))
-        start = 0
-        latest = mgr.latest_step()
-        if latest is not None:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st)
-            r = mgr.restore(latest, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v)
-                                                              for k, v in _items(abstract).items()}))
-            st = _from_items({k: r[k] for k in _items(abstract)})
-            start = int(st["step"])
-            if jax.process_index() == 0:
-                print(f"resuming from checkpoint at step {start} ({run_dir / 'checkpoints'})")
-        writer = MetricsWriter(run_dir, start, tc.get("tensorboard", False))
-        kill_at = int(os.environ.get("LLAMA_JAX_TEST_KILL_AT_STEP", "0") or 0)  # test hook, as train/loop.py
-        bar = None
-        if tc.get("progress", True) and jax.process_index() == 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, initial=start, desc="ppo", dynamic_ncols=True)
-        last, window = {}, []
-        try:
-            for step in range(start, steps):
-                st, rec = self.iteration(st, step)
-                window.append(rec)
-                done = step + 1
-                if done % int(tc["log_every"]) == 0 or done == steps:
-                    out = {"step": done, **{k: float(np.mean([w[k] for w in window])) for k in window[-1]}}
-                    out["nonfinite_updates"] = float(sum(w["nonfinite_updates"] for w in window))
-                    out["ratio_maxdev_first"] = float(max(w["ratio_maxdev_first"] for w in window))
-                    window = []
-                    writer.write(out)
-                    last = out
-                    if bar is not None:
-                        bar.set_postfix({"score": f"{out['score']:.3f}", "kl": f"{out['kl']:.3f}",
-                                         "len": f"{out['response_length']:.1f}"}, refresh=False)
-                    if int(st["nonfinite"]) >= int(tc["max_nonfinite"]):
-                        raise TrainingError(f"{int(st['nonfinite'])} non-finite updates in a row at step {done}; "
-                                            "stopping (the last checkpoint holds finite weights)")
-                if bar is not None:
-                    bar.update(1)
-                if kill_at == done:  # die like a preempted VM, no cleanup
-                    os.kill(os.getpid(), 9)
-                if (tc["checkpoint_every"] and done % int(tc["checkpoint_every"]) == 0) or done == steps:
-                    items = {k: ocp.args.StandardSave(v) for k, v in _items(st).items()}
-                    mgr.save(done, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(
-                        {"step": done, "task": "ppo", "data_position": done * self.B,
-                         "beta": float(st["beta"])})))
-            mgr.wait_until_finished()
-        finally:
-            if bar is not None:
-                bar.close()
-            writer.close()
-        self.state = st
-        last["policy_trainable_params"] = self.n_policy_params
+        last = super().run(run_dir)
         last["critic_trainable_params"] = self.n_critic_params
         return last
-
-    # ------------------------------------------------------------------------- convenience
-    def policy_model(self, st):
-        return nnx.merge(self.policy_graphdef, st["params"], self.policy_frozen)
-
-    def reference_model(self, st):
-        from ..rl.rollout import reference_state
-
-        return nnx.merge(self.policy_graphdef, reference_state(st["params"], self.ref_store), self.policy_frozen)
-
-
-def _items(st):
-    """Checkpoint items: `state` in the training loop's layout (so export finds the policy), the
-    critic and the KL controller beside it."""
-    return {"state": {"step": st["step"], "params": st["params"], "opt_state": st["opt_state"],
-                      "nonfinite": st["nonfinite"]},
-            "critic": {"params": st["critic_params"], "opt_state": st["critic_opt_state"]},
-            "controller": {"beta": st["beta"]}}
-
-
-def _from_items(it):
-    return {**it["state"], "critic_params": it["critic"]["params"], "critic_opt_state": it["critic"]["opt_state"],
-            "beta": it["controller"]["beta"]}
 
 
 def run(config_path, out: str | None = None, overrides=()) -> dict:

@@ -45,9 +45,9 @@ class ConfigError(ValueError):
     pass
 
 
-# mappings whose keys are not ours to check (LlamaConfig fields, a reward factory's arguments,
-# the names of data.eval_sets)
-FREE_FORM = {"overrides", "reward_fn_args", "eval_sets"}
+# mappings whose keys are not ours to check (LlamaConfig fields, a reward or check factory's
+# arguments, the names of data.eval_sets)
+FREE_FORM = {"overrides", "reward_fn_args", "check_fn_args", "eval_sets"}
 
 
 def _merge(base: dict, over: dict, where: str, source: str) -> dict:

@@ -1,0 +1,310 @@
+"""GRPO for language models: `llama-jax grpo CONFIG.yaml [--out DIR] [k=v ...]`.
+
+One iteration (= one `train.step`) on the PPO stage's machinery (`rl_common.RolloutTrainer`:
+prompts, LoRA policy with the LoRA-off reference, sampling, rewards, the loop shell with exact
+resume and metrics.jsonl):
+  1. `train.batch_size` prompts of step s (seeded per-epoch permutation), each repeated
+     `grpo.group_size` (G) times in adjacent rows;
+  2. rollout: G samples per prompt at `grpo.temperature` with the KV-cache decoder; one
+     teacher-forced pass each for old and reference log-probs (no critic, no value model);
+  3. sequence rewards (a reward function on the host, or a reward model's normalised score;
+     `grpo.kl_in: reward` subtracts kl_coef x the sequence's KL estimate), group-relative
+     advantages (`rl.grpo_math.group_advantages`: mean baseline, std scaling by
+     `grpo.scale_rewards`, false = Dr. GRPO); groups with all-equal rewards are counted
+     (`equal_groups`) and, with `grpo.drop_equal_groups`, left out of the update;
+  4. `grpo.epochs` x `grpo.minibatches` updates of `rl.grpo_math.grpo_loss` (asymmetric clip,
+     k3 KL loss term when `grpo.kl_in: loss`, token- or sequence-level aggregation).  A minibatch
+     with no valid token (every group dropped) changes nothing: parameters and optimizer state
+     are kept as they were.
+
+The options are the typed `GRPOConfig` (the `grpo:` section); `train.batch_size` counts prompts,
+so one step samples batch_size x G responses.  The checkpoint's `state` item has the training
+loop's layout (`llama-jax export --model RUN_DIR` exports the policy).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..rl import grpo_math, ppo_math
+from ..rl.rollout import make_experience_fn, response_logprobs
+from ..train.config import ConfigError, load_config, stage_defaults
+from ..train.loop import TrainingError, init_opt_state, on_mesh, opt_state_shardings
+from ..train.optim import make_optimizer
+from .rl_common import RolloutTrainer
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """The `grpo:` section.  Reward: exactly one of reward_model and reward_fn (as in `ppo:`)."""
+    reward_model: str | None = None      # HF / llama_jax dir of a head='score' model (frozen)
+    reward_fn: str | None = None         # registered reward function (rl.rollout.REWARDS) or "module:fn"
+    reward_fn_args: dict = field(default_factory=dict)  # given: reward_fn is a factory called with them
+    reward_offset: Any = "auto"          # subtracted from RM scores; auto = the RM dir's stored offset
+    group_size: int = 8                  # G samples per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    epochs: int = 1                      # passes over one rollout batch
+    minibatches: int = 1                 # updates per pass (must divide batch_size x group_size)
+    clip_low: float = 0.2                # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2               # > clip_low: clip-higher (DAPO: 0.28)
+    scale_rewards: bool = True           # divide by the group's reward std; false = Dr. GRPO
+    kl_coef: float = 0.04                # beta
+    kl_in: str = "loss"                  # loss: beta x KL estimate per token in the loss; reward: in the reward
+    kl_estimator: str = "k3"             # k1 | k2 | k3
+    aggregation: str = "token"           # token (DAPO) | sequence (original GRPO)
+    drop_equal_groups: bool = False      # leave groups whose rewards are all equal out of the update
+    missing_eos_score: float | None = -1.0  # reward of a response with no EOS within max_new_tokens; null = keep
+    ent_coef: float = 0.0
+
+    @classmethod
+    def from_section(cls, d: dict) -> "GRPOConfig":
+        """Typed and checked; a bad value raises ConfigError naming grpo.<field>."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"grpo.{unknown[0]}: unknown option (options: {', '.join(sorted(names))})")
+        kw = {}
+        for f in dataclasses.fields(cls):
+            v = d.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            try:
+                if f.type in ("int",):
+                    if isinstance(v, bool) or int(v) != v:
+                        raise ValueError
+                    v = int(v)
+                elif f.type == "float":
+                    v = float(v)
+                elif f.type == "bool":
+                    if not isinstance(v, bool):
+                        raise ValueError
+                elif f.type == "float | None" and v is not None:
+                    v = float(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"grpo.{f.name}: {v!r} is not a valid {f.type}") from None
+            kw[f.name] = v
+        c = cls(**kw)
+        if bool(c.reward_model) == bool(c.reward_fn):
+            raise ConfigError("grpo: give exactly one of grpo.reward_model (a score model) and grpo.reward_fn")
+        if c.group_size < 2:
+            raise ConfigError(f"grpo.group_size: {c.group_size}, must be >= 2 (advantages are relative to the group)")
+        if not c.temperature > 0:
+            raise ConfigError("grpo.temperature must be > 0 (sampling; log-probs use the same temperature)")
+        if c.epochs < 1 or c.minibatches < 1 or c.max_new_tokens < 1:
+            raise ConfigError("grpo.epochs, grpo.minibatches and grpo.max_new_tokens must be >= 1")
+        if not (0 <= c.clip_low < 1 and c.clip_high >= 0):
+            raise ConfigError(f"grpo.clip_low / clip_high: {c.clip_low} / {c.clip_high} (need 0 <= clip_low < 1, "
+                              "clip_high >= 0)")
+        if c.kl_in not in ("loss", "reward"):
+            raise ConfigError(f"grpo.kl_in: {c.kl_in!r} is not one of loss, reward")
+        if c.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"grpo.kl_estimator: {c.kl_estimator!r} is not one of k1, k2, k3")
+        if c.aggregation not in grpo_math.AGGREGATIONS:
+            raise ConfigError(f"grpo.aggregation: {c.aggregation!r} is not one of {', '.join(grpo_math.AGGREGATIONS)}")
+        if c.kl_coef < 0:
+            raise ConfigError(f"grpo.kl_coef: {c.kl_coef} < 0")
+        return c
+
+
+DEFAULTS = stage_defaults(
+    data={
+        "prompt_files": [], "prompts": [], "prompt_ids": [], "template": "chinese-alpaca-2",
+        "max_prompt_length": 256, "max_prompts": None, "on_error": "skip",
+    },
+    grpo=dataclasses.asdict(GRPOConfig()),
+    train={"steps": 100, "batch_size": 8, "lr": 1e-5, "schedule": "linear", "warmup_ratio": 0.0,
+           "min_lr_ratio": 0.0, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "log_every": 1, "eval_every": 0,
+           "checkpoint_every": 20},
+)
+
+TIMING_FIELDS = ("iter_time_s", "rollout_time_s", "update_time_s", "tokens_per_sec")
+
+
+class GRPOTrainer(RolloutTrainer):
+    """Models, data and the jitted pieces of one GRPO iteration; `run(run_dir)` is the shared loop."""
+
+    section = task = "grpo"
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.gc = GRPOConfig.from_section(cfg["grpo"])
+        tc = cfg["train"]
+        self.G = self.gc.group_size
+        prompts_per_step = int(tc["batch_size"])
+        if int(tc["grad_accum"]) != 1:
+            raise ConfigError("grpo: train.grad_accum must be 1 (GRPO splits the rollout with grpo.minibatches)")
+        if prompts_per_step % jax.process_count():
+            raise ConfigError(f"train.batch_size={prompts_per_step} must be divisible by {jax.process_count()} processes")
+        if (prompts_per_step * self.G) % self.gc.minibatches:
+            raise ConfigError(f"grpo.minibatches={self.gc.minibatches} must divide train.batch_size x "
+                              f"grpo.group_size = {prompts_per_step * self.G}")
+        if cfg["lora"]["enabled"] and float(cfg["lora"]["dropout"]) > 0:
+            raise ConfigError("grpo: lora.dropout must be 0 (dropout makes the rollout and update log-probs differ)")
+        prompts, policy, rm = self._load(cfg)
+        pol_params = self._attach_policy(policy, rm)
+        ids, mask = self._set_shapes(prompts, prompts_per_step * self.G)
+        self._prompt_batches(ids, mask, prompts_per_step)
+        self.updates_per_step = self.gc.epochs * self.gc.minibatches
+        self.tx, self.lr_fn = make_optimizer({**tc, "steps": int(tc["steps"]) * self.updates_per_step}, pol_params)
+        self._init_params = pol_params
+        self._build_fns()
+
+    # ------------------------------------------------------------------------- jitted pieces
+    def _build_fns(self):
+        gc, G, B = self.gc, self.G, self.B
+        self.experience_fn = make_experience_fn(self.policy_graphdef, None, self.rm_graphdef,
+                                                temperature=gc.temperature, eos_ids=self.eos_ids)
+        beta, miss = float(gc.kl_coef), gc.missing_eos_score
+        kl_in_reward = gc.kl_in == "reward" and beta > 0
+
+        def advantages(exp, scores):
+            mask = exp["mask"]
+            raw = scores.astype(jnp.float32)
+            scores = raw if miss is None else jnp.where(exp["has_eos"], raw, jnp.float32(miss))
+            kl_tok = ppo_math.kl_estimate(exp["logprobs"], exp["ref_logprobs"], gc.kl_estimator) * mask
+            seq_kl = jnp.sum(kl_tok, axis=-1)
+            reward = scores - beta * seq_kl if kl_in_reward else scores
+            adv, equal, gstd = grpo_math.group_advantages(reward, G, gc.scale_rewards)
+            weight = jnp.repeat(~equal if gc.drop_equal_groups else jnp.ones_like(equal), G).astype(jnp.float32)
+            f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+            stats = {
+                "score": jnp.mean(scores), "score_std": jnp.std(scores), "score_raw": jnp.mean(raw),
+                "reward": jnp.mean(reward), "kl": jnp.mean(seq_kl),
+                "group_reward_std": jnp.mean(gstd),
+                "equal_groups": jnp.sum(equal.astype(jnp.float32)), "equal_group_frac": jnp.mean(equal.astype(jnp.float32)),
+                "dropped_groups": jnp.sum(equal.astype(jnp.float32)) if gc.drop_equal_groups else f32(0.0),
+                "eos_rate": jnp.mean(exp["has_eos"].astype(jnp.float32)),
+                "response_length": jnp.mean(jnp.sum(mask, -1)),
+                "rollout_entropy": ppo_math.masked_mean(exp["rollout_entropy"], mask),
+                "advantage_abs_mean": jnp.mean(jnp.abs(adv)),
+            }
+            return {"advantages": adv, "row_weight": weight}, stats
+
+        self.advantages_fn = jax.jit(advantages)
+
+        pol_gd, tx = self.policy_graphdef, self.tx
+        E, M, T = gc.epochs, gc.minibatches, float(gc.temperature)
+        loss_beta = beta if gc.kl_in == "loss" else 0.0
+
+        def pol_loss(p, frz, mb):
+            model = nnx.merge(pol_gd, p, frz)
+            logp, ent = response_logprobs(model, mb["ids"], mb["attn"], mb["tokens"], T)
+            loss, st = grpo_math.grpo_loss(logp, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["mask"],
+                                           clip_low=gc.clip_low, clip_high=gc.clip_high, kl_coef=loss_beta,
+                                           kl_estimator=gc.kl_estimator, aggregation=gc.aggregation)
+            entropy = ppo_math.masked_mean(ent, mb["mask"])
+            return loss - gc.ent_coef * entropy, {**st, "policy_loss": loss, "entropy": entropy}
+
+        def update(st, pol_frz, batch, rng):
+            keys = ("ids", "attn", "tokens", "mask", "logprobs", "ref_logprobs", "advantages", "row_weight")
+            batch = {k: batch[k] for k in keys}
+            batch["mask"] = batch["mask"] * batch.pop("row_weight")[:, None]  # dropped groups: no tokens
+            perms = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), B) for e in range(E)])
+            idx = perms.reshape(E * M, B // M)
+
+            def one(s, rows):
+                mb = jax.tree.map(lambda x: x[rows], batch)
+                n_tok = jnp.sum(mb["mask"])
+                (loss, pst), g = jax.value_and_grad(pol_loss, has_aux=True)(s["params"], pol_frz, mb)
+                gn = optax.global_norm(g)
+                up, new_opt = tx.update(g, s["opt_state"], s["params"])
+                finite = jnp.isfinite(loss) & jnp.isfinite(gn)
+                apply = finite & (n_tok > 0)  # an empty minibatch changes nothing (not even Adam's moments)
+                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+                s = {**s, "params": keep(optax.apply_updates(s["params"], up), s["params"]),
+                     "opt_state": keep(new_opt, s["opt_state"]),
+                     "nonfinite": jnp.where(finite, 0, s["nonfinite"] + 1)}
+                return s, {**pst, "grad_norm": gn, "finite": finite.astype(jnp.float32),
+                           "empty": (n_tok == 0).astype(jnp.float32)}
+
+            st, stats = jax.lax.scan(one, st, idx)
+            st = {**st, "step": st["step"] + 1}
+            out = {k: jnp.mean(v) for k, v in stats.items() if k not in ("ratio_maxdev", "finite", "empty")}
+            out["ratio_maxdev_first"] = stats["ratio_maxdev"][0]  # 0 up to rounding: same log-prob fn
+            out["nonfinite_updates"] = jnp.sum(1.0 - stats["finite"])
+            out["empty_updates"] = jnp.sum(stats["empty"])
+            return st, out
+
+        self._update = update
+
+    # ------------------------------------------------------------------------- state
+    def init_state(self):
+        """The initial GRPO state (the training loop's layout).  Once: the update donates it."""
+        if self._init_params is None:
+            raise TrainingError("GRPOTrainer.init_state: already called (build a new trainer for another run)")
+        pol, self._init_params = self._init_params, None
+        mesh = self.mesh
+        rep = NamedSharding(mesh, P())
+        psh = jax.tree.map(lambda x: on_mesh(x, mesh), pol)
+        self.shardings = {"step": rep, "params": psh, "opt_state": opt_state_shardings(self.tx, pol, psh, mesh),
+                          "nonfinite": rep}
+        st = {"step": jnp.zeros((), jnp.int32), "params": pol,
+              "opt_state": init_opt_state(self.tx, pol, self.shardings["params"], mesh),
+              "nonfinite": jnp.zeros((), jnp.int32)}
+        st = jax.device_put(st, self.shardings)
+        self.policy_frozen = jax.device_put(self.policy_frozen,
+                                            jax.tree.map(lambda x: on_mesh(x, mesh), self.policy_frozen))
+        self.update_fn = jax.jit(self._update, donate_argnums=(0,), out_shardings=(self.shardings, None))
+        return st
+
+    def checkpoint_items(self, st):
+        return {"state": {k: st[k] for k in ("step", "params", "opt_state", "nonfinite")}}
+
+    @staticmethod
+    def from_checkpoint_items(it):
+        return dict(it["state"])
+
+    # ------------------------------------------------------------------------- one iteration
+    def collect(self, st, step: int):
+        """Rollout + group advantages for step `step`: (batch dict of device arrays, stats)."""
+        prompts = self.step_prompts(step, repeat=self.G)
+        tokens = self.sample(st, prompts, jax.random.fold_in(self.step_rng(step), 0))
+        exp = self.experience_fn(st["params"], self.policy_frozen, self.ref_store, None, None, self.rm_state,
+                                 prompts["prompt_ids"], prompts["prompt_mask"], tokens)
+        scores = self.sequence_rewards(exp, prompts["prompt_ids"], tokens)
+        adv, stats = self.advantages_fn(exp, scores)
+        return {**exp, **adv, "scores": scores, "prompt_ids": prompts["prompt_ids"]}, stats
+
+    def iteration(self, st, step: int):
+        """One GRPO iteration from state `st` (donated); returns (new state, metrics as floats)."""
+        t0 = time.perf_counter()
+        batch, stats = self.collect(st, step)
+        jax.block_until_ready(batch["advantages"])
+        t1 = time.perf_counter()
+        st, ustats = self.update_fn(st, self.policy_frozen, batch, jax.random.fold_in(self.step_rng(step), 1))
+        rec = {k: float(v) for k, v in jax.device_get({**stats, **ustats}).items()}
+        t2 = time.perf_counter()
+        rec["lr"] = float(self.lr_fn(step * self.updates_per_step))
+        rec["rollout_time_s"], rec["update_time_s"], rec["iter_time_s"] = t1 - t0, t2 - t1, t2 - t0
+        rec["tokens_per_sec"] = self.B * (self.P + rec["response_length"]) / (t2 - t0)
+        return st, rec
+
+
+def run(config_path, out: str | None = None, overrides=()) -> dict:
+    cfg = load_config(DEFAULTS, config_path, list(overrides))
+    return run_config(cfg, out)
+
+
+def run_config(cfg: dict, out: str | None = None) -> dict:
+    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-grpo").absolute()
+    trainer = GRPOTrainer(cfg)
+    gc = trainer.gc
+    print(f"grpo: {trainer.n_prompts} prompts (padded to {trainer.P} tokens), {trainer.prompts_per_step} prompts x "
+          f"G={gc.group_size} samples x {trainer.N} new tokens per step; policy "
+          f"{'LoRA' if trainer.lora else 'full'} ({trainer.n_policy_params:,} trainable); reward "
+          f"{gc.reward_model or gc.reward_fn}" + (f" (offset {trainer.reward_offset:g})" if trainer.reward_offset else "")
+          + f"; KL {gc.kl_estimator} x {gc.kl_coef:g} in the {gc.kl_in}, advantages "
+          f"{'/ group std' if gc.scale_rewards else 'unscaled (Dr. GRPO)'}, {gc.aggregation}-level loss")
+    result = trainer.run(run_dir)
+    result["run_dir"] = str(run_dir)
+    result["trainer"] = trainer
+    result["model"] = trainer.policy_model(trainer.state)
+    return result

@@ -1,0 +1,331 @@
+"""What the on-policy RL stages (PPO: `stages.ppo`, GRPO: `stages.grpo`) share, one copy each.
+
+* prompts: `load_prompts` (alpaca / sharegpt / preference records, inline messages or token ids);
+* `RolloutTrainer`, the base of both trainers: building the policy (LoRA or full; the reference is
+  the same weights with LoRA off, or a frozen copy of the non-LoRA trainables) and the reward
+  model, static shapes, step-indexed prompt batches, sampling with the KV-cache decoder, rewards
+  (a reward model's normalised score or a reward function on the host), and `run`, the loop
+  shell: run dir, config.json, orbax checkpoints, exact resume, metrics.jsonl, tqdm progress,
+  the non-finite stop and the test kill hook.
+
+A subclass provides `init_state()`, `iteration(st, step) -> (st, metrics)`, `checkpoint_items`
+/ `from_checkpoint_items` (the checkpoint's items; `state` in the training loop's layout so that
+`llama-jax export --model RUN_DIR` finds the policy), `checkpoint_meta(st)` and `section`/`task`
+(its config section and name).  Exactness: the RNG of step s is fold_in(seed, s), the prompts of
+step s are a function of s, and the checkpoint holds everything that changes, so a resumed run
+logs exactly what an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..data.chat import (ASSISTANT, USER, Conversation, RecordError, Stats, _alpaca_prompt, _history, _system,
+                         generation_prompt_ids, get_template, iter_records, parse_messages)
+from ..data.packing import StepIndexedBatches
+from ..data.sources import DataError
+from ..generate import left_pad
+from ..rl.rollout import get_reward_fn, reference_store, sample_responses
+from ..train.config import ConfigError, resolve_path
+from ..train.loop import MetricsWriter, TrainingError, _to_global
+from ..train.optim import count_params
+from .common import build_mesh, build_model, build_tokenizer, check_vocab
+
+
+# ----------------------------------------------------------------------------- prompts
+def _prompt_conversation(rec, stats, source) -> Conversation:
+    """A record's prompt: sharegpt messages up to the last user turn (any trailing reply dropped),
+    or an alpaca / preference record's instruction (+ input, history, system)."""
+    if not isinstance(rec, dict):
+        raise RecordError("bad_structure", "<record>", f"is {type(rec).__name__}, expected an object")
+    if "conversations" in rec or "messages" in rec:
+        key = "conversations" if "conversations" in rec else "messages"
+        system, messages = parse_messages(rec[key], key)
+        while messages and messages[-1][0] == ASSISTANT:
+            messages = messages[:-1]
+        if not messages:
+            raise RecordError("empty_prompt", key, "no user turn")
+        return Conversation(_system(rec, system), messages)
+    key = next((k for k in ("prompt", "question", "instruction") if k in rec), None)
+    if key is None:
+        raise RecordError("missing_field", "prompt", "missing: none of prompt, question, instruction or "
+                          f"conversations (fields: {', '.join(map(str, rec)) or 'none'})")
+    messages = _history(rec)
+    user, instruction, inp = _alpaca_prompt(rec, key)
+    inputs = {len(messages): (instruction, inp)} if inp.strip() else {}
+    return Conversation(_system(rec), messages + [(USER, user)], inputs)
+
+
+def load_prompts(cfg, tok, task: str = "PPO") -> tuple[list[list[int]], Stats]:
+    """The prompts of a run config's `data` section as token ids, and the loading stats."""
+    dc = cfg["data"]
+    stats = Stats()
+    out = [list(map(int, p)) for p in dc["prompt_ids"]]
+    stats.add("prompts", len(out))
+    if dc["prompts"] or dc["prompt_files"]:
+        if tok is None:
+            raise ConfigError("data.prompts / data.prompt_files need a tokenizer")
+        template = get_template(dc["template"])
+        convs = [Conversation(None, [(USER, str(t))]) for t in dc["prompts"]]
+        files = dc["prompt_files"] if isinstance(dc["prompt_files"], list) else [dc["prompt_files"]]
+        if files:
+            convs += [c for _, c in iter_records([resolve_path(cfg, f) for f in files], _prompt_conversation,
+                                                 stats, dc["on_error"])]
+        for c in convs:
+            ids = generation_prompt_ids(c, tok, template)
+            if len(ids) > int(dc["max_prompt_length"]):
+                stats.add("skipped_too_long")
+                continue
+            out.append(ids)
+            stats.add("prompts")
+    if dc["max_prompts"]:
+        out = out[: int(dc["max_prompts"])]
+    if not out:
+        raise DataError(f"{task}: no prompts (data.prompt_files / data.prompts / data.prompt_ids)")
+    if any(len(p) == 0 for p in out):
+        raise DataError(f"{task}: an empty prompt (every prompt needs at least one token)")
+    return out, stats
+
+
+# ----------------------------------------------------------------------------- helpers
+def with_init(cfg, init):
+    """The config with model.init replaced (to build the reward / value model from it)."""
+    return {**cfg, "model": {**cfg["model"], "init": init}}
+
+
+def reward_offset(cfg, section: str = "ppo") -> float:
+    """<section>.reward_offset: a number, null (0), or auto: the normalisation offset the RM stage
+    stores with an exported RM (config.json `reward_offset`, or reward_norm.json `offset`), else 0."""
+    v = cfg[section]["reward_offset"]
+    if v is None:
+        return 0.0
+    if v != "auto":
+        return float(v)
+    d = Path(resolve_path(cfg, cfg[section]["reward_model"]))
+    for name, key in (("config.json", "reward_offset"), ("reward_norm.json", "offset")):
+        f = d / name
+        if f.is_file():
+            val = json.loads(f.read_text()).get(key)
+            if val is not None:
+                return float(val)
+    return 0.0
+
+
+def host(x) -> np.ndarray:
+    """A (possibly multi-host) device array as a whole numpy array on every process."""
+    if not x.is_fully_addressable:  # multi-host: every process gets the whole (small) array
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def reference_store_of(trainable):
+    """rollout.reference_store, or for an abstract state (the planner's) the same leaves as shapes."""
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(trainable)):
+        return nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(trainable)
+                                    if not isinstance(v, nnx.LoRAParam)])
+    return reference_store(trainable)
+
+
+# ----------------------------------------------------------------------------- the shared trainer
+class RolloutTrainer:
+    """Base of PPOTrainer and GRPOTrainer: models, prompts, sampling, rewards and the loop shell."""
+
+    section = "ppo"  # the config section with reward_model / reward_fn / max_new_tokens / temperature ...
+    task = "ppo"     # progress bar, checkpoint meta, messages
+    progress_keys = ("score", "kl", "response_length")
+
+    # ------------------------------------------------------------------------- construction
+    def _load(self, cfg):
+        """Mesh, tokenizer, prompts, the policy (before LoRA) and the reward model (or None)."""
+        rc = cfg[self.section]
+        self.mesh = build_mesh(cfg)
+        # token-id prompts need no tokenizer (toy tasks); text prompts do
+        need_tok = bool(cfg["data"]["prompts"] or cfg["data"]["prompt_files"])
+        self.tok = build_tokenizer(cfg) if need_tok or cfg.get("tokenizer") else None
+        prompts, self.prompt_stats = load_prompts(cfg, self.tok, self.task.upper())
+        policy = build_model(cfg, self.mesh, vocab_size=len(self.tok) if self.tok is not None else None)
+        if self.tok is not None:
+            check_vocab(self.tok, policy)
+        self.config = policy.config
+        V = policy.config.vocab_size
+        bad = [p for p in prompts if max(p) >= V or min(p) < 0]
+        if bad:
+            raise DataError(f"{self.task.upper()}: prompt ids outside the vocabulary [0, {V}): {bad[0]}")
+        rm, self.reward_offset = None, 0.0
+        if rc["reward_model"]:
+            rm = build_model(with_init(cfg, rc["reward_model"]), self.mesh, None, head="score")
+            self.reward_offset = reward_offset(cfg, self.section)
+            if rm.config.vocab_size != V:
+                raise ConfigError(f"{self.section}: the reward model has vocab_size {rm.config.vocab_size}, the "
+                                  f"policy {V}: they must share the tokenizer")
+        self._set_reward_fn()
+        return prompts, policy, rm
+
+    def _set_reward_fn(self):
+        rc = self.cfg[self.section]
+        self.reward_fn = get_reward_fn(rc["reward_fn"], rc["reward_fn_args"]) if rc["reward_fn"] else None
+
+    def _attach_policy(self, policy, rm):
+        """LoRA on the policy (lora.enabled), its trainable / frozen split, the reference store and
+        the reward model's split.  Returns the policy's trainable state."""
+        from .lora_setup import maybe_apply_lora
+
+        pol_filter = maybe_apply_lora(self.cfg, policy)
+        self.policy_graphdef, pol_params, self.policy_frozen = nnx.split(policy, pol_filter, ...)
+        self.rm_graphdef, self.rm_state = nnx.split(rm) if rm is not None else (None, None)
+        # reference = policy with LoRA off; only non-LoRA trainables (full FT) need a frozen copy
+        self.ref_store = reference_store_of(pol_params)
+        self.n_policy_params = count_params(pol_params)
+        self.lora = bool(self.cfg["lora"]["enabled"])
+        return pol_params
+
+    def _set_shapes(self, prompts, rollouts: int):
+        """Pad id, EOS ids and the static shapes: P (padded prompt length), N (response), B (rollouts
+        per step).  Returns the left-padded prompts (ids, mask)."""
+        rc = self.cfg[self.section]
+        self.pad_id = next(x for x in (self.config.pad_token_id, getattr(self.tok, "pad_token_id", None), 0)
+                           if x is not None)
+        self.eos_ids = self.config.eos_token_ids
+        if not self.eos_ids:
+            raise ConfigError(f"{self.task.upper()}: the model config has no eos_token_id (responses could never end)")
+        ids, mask = left_pad(prompts, self.pad_id)
+        self.P, self.N, self.B = ids.shape[1], int(rc["max_new_tokens"]), int(rollouts)
+        if self.P + self.N > self.config.max_position_embeddings and self.config.rope_type != "dynamic":
+            raise ConfigError(f"prompt length {self.P} + {self.section}.max_new_tokens {self.N} exceeds the model's "
+                              f"max_position_embeddings={self.config.max_position_embeddings}")
+        return ids, mask
+
+    def _prompt_batches(self, ids, mask, per_step: int):
+        self.n_prompts, self.prompts_per_step = len(ids), int(per_step)
+        self.batches = StepIndexedBatches({"prompt_ids": ids, "prompt_mask": mask}, per_step,
+                                          int(self.cfg["train"]["seed"]), jax.process_index(), jax.process_count())
+
+    # ------------------------------------------------------------------------- rollouts
+    def step_rng(self, step: int):
+        return jax.random.fold_in(jax.random.key(int(self.cfg["train"]["seed"])), step)
+
+    def step_prompts(self, step: int, repeat: int = 1) -> dict:
+        """Step `step`'s prompts as global arrays; each row `repeat` times in a row (a group)."""
+        local = self.batches.batch(step)
+        if repeat > 1:
+            local = {k: np.repeat(np.asarray(v), repeat, axis=0) for k, v in local.items()}
+        return _to_global(local, self.mesh, 0)
+
+    def sample(self, st, prompts: dict, rng):
+        """Responses [B, N] sampled from the current policy at <section>.temperature."""
+        state = nnx.merge_state(st["params"], self.policy_frozen)
+        return sample_responses(self.policy_graphdef, state, self.config, prompts["prompt_ids"],
+                                prompts["prompt_mask"], rng, max_new_tokens=self.N,
+                                temperature=float(self.cfg[self.section]["temperature"]), eos_ids=self.eos_ids,
+                                pad_id=self.pad_id, mesh=self.mesh)
+
+    def sequence_rewards(self, exp: dict, prompt_ids, tokens):
+        """[B] float32: the reward function's value, or the reward model's score minus its offset."""
+        if self.reward_fn is not None:
+            return self._call_reward(prompt_ids, tokens, exp["mask"])
+        return exp["scores"] - jnp.float32(self.reward_offset)  # normalised RM score
+
+    def _call_reward(self, prompt_ids, tokens, mask, fn=None, key: str = "reward_fn"):
+        """fn (default: the reward function) on the host, checked, back as a [B] device array."""
+        p, t, m = host(prompt_ids), host(tokens), host(mask)
+        name = f"{self.section}.{key} {self.cfg[self.section][key]!r}"
+        r = np.asarray((fn or self.reward_fn)(p, t, m), dtype=np.float32)
+        if r.shape != (t.shape[0],):
+            raise TrainingError(f"{name} returned shape {r.shape}, expected ({t.shape[0]},)")
+        if not np.all(np.isfinite(r)):
+            raise TrainingError(f"{name} returned non-finite rewards")
+        sh = mask.sharding if isinstance(mask.sharding, NamedSharding) else None
+        if sh is None:
+            return jnp.asarray(r)
+        sh = NamedSharding(sh.mesh, P(sh.spec[0] if len(sh.spec) else None))
+        return jax.make_array_from_callback(r.shape, sh, lambda idx: r[idx])
+
+    # ------------------------------------------------------------------------- the loop shell
+    def checkpoint_meta(self, st) -> dict:
+        return {}
+
+    def run(self, run_dir) -> dict:
+        """Iterations from the latest checkpoint of `run_dir` (or 0) to train.steps; returns the last
+        logged metrics.  Windowed means over train.log_every iterations go to metrics.jsonl."""
+        import orbax.checkpoint as ocp
+
+        cfg, tc = self.cfg, self.cfg["train"]
+        run_dir = Path(run_dir).absolute()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            (run_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                                            indent=2, ensure_ascii=False) + "\n")
+        st = self.init_state()
+        steps = int(tc["steps"])
+        mgr = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
+            max_to_keep=int(tc["keep_checkpoints"]), create=True))
+        start = 0
+        latest = mgr.latest_step()
+        if latest is not None:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st)
+            items = self.checkpoint_items(abstract)
+            r = mgr.restore(latest, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v)
+                                                              for k, v in items.items()}))
+            st = self.from_checkpoint_items({k: r[k] for k in items})
+            start = int(st["step"])
+            if jax.process_index() == 0:
+                print(f"resuming from checkpoint at step {start} ({run_dir / 'checkpoints'})")
+        writer = MetricsWriter(run_dir, start, tc.get("tensorboard", False))
+        kill_at = int(os.environ.get("LLAMA_JAX_TEST_KILL_AT_STEP", "0") or 0)  # test hook, as train/loop.py
+        bar = None
+        if tc.get("progress", True) and jax.process_index() == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=start, desc=self.task, dynamic_ncols=True)
+        last, window = {}, []
+        try:
+            for step in range(start, steps):
+                st, rec = self.iteration(st, step)
+                window.append(rec)
+                done = step + 1
+                if done % int(tc["log_every"]) == 0 or done == steps:
+                    out = {"step": done, **{k: float(np.mean([w[k] for w in window])) for k in window[-1]}}
+                    out["nonfinite_updates"] = float(sum(w["nonfinite_updates"] for w in window))
+                    out["ratio_maxdev_first"] = float(max(w["ratio_maxdev_first"] for w in window))
+                    window = []
+                    writer.write(out)
+                    last = out
+                    if bar is not None:
+                        bar.set_postfix({k: f"{out[k]:.3f}" for k in self.progress_keys if k in out}, refresh=False)
+                    if int(st["nonfinite"]) >= int(tc["max_nonfinite"]):
+                        raise TrainingError(f"{int(st['nonfinite'])} non-finite updates in a row at step {done}; "
+                                            "stopping (the last checkpoint holds finite weights)")
+                if bar is not None:
+                    bar.update(1)
+                if kill_at == done:  # die like a preempted VM, no cleanup
+                    os.kill(os.getpid(), 9)
+                if (tc["checkpoint_every"] and done % int(tc["checkpoint_every"]) == 0) or done == steps:
+                    items = {k: ocp.args.StandardSave(v) for k, v in self.checkpoint_items(st).items()}
+                    meta = {"step": done, "task": self.task, "data_position": done * self.prompts_per_step, **self.checkpoint_meta(st)}
+                    mgr.save(done, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)))
+            mgr.wait_until_finished()
+        finally:
+            if bar is not None:
+                bar.close()
+            writer.close()
+        self.state = st
+        last["policy_trainable_params"] = self.n_policy_params
+        return last
+
+    # ------------------------------------------------------------------------- convenience
+    def policy_model(self, st):
+        return nnx.merge(self.policy_graphdef, st["params"], self.policy_frozen)
+
+    def reference_model(self, st):
+        from ..rl.rollout import reference_state
+
+        return nnx.merge(self.policy_graphdef, reference_state(st["params"], self.ref_store), self.policy_frozen)
