@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# TPU memory plans (`llama-jax plan`) need libtpu, kept out of .venv: its presence makes jax probe
+# for a TPU at startup.  Same jax as .venv, plus libtpu (compile-only: no TPU needed).
+PLAN_VENV := .venv-plan
 
 .PHONY: demo test install bench clean
 
@@ -25,9 +28,6 @@ demo: $(STAMP)
 test: $(STAMP) $(PLAN_VENV)/.installed
 	$(BIN)/python -m pytest -q tests
 
-# TPU memory plans (`llama-jax plan`) need libtpu, kept out of .venv: its presence makes jax probe
-# for a TPU at startup.  Same jax as .venv, plus libtpu (compile-only: no TPU needed).
-PLAN_VENV := .venv-plan
 .PHONY: plan-env
 plan-env: $(PLAN_VENV)/.installed
 
