@@ -26,6 +26,9 @@ from pathlib import Path
 
 import lm_eval.api.model as lm_model
 import lm_eval.api.registry as lm_registry
+# lm-eval fills its registry with the built-in models (hf, vllm, ...) only while it is empty; register
+# those first, or after ours `model="hf"` would be unknown
+import lm_eval.models  # noqa: F401
 from lm_eval import utils as lm_utils
 
 from .text import encode, prefix_token

@@ -57,20 +57,21 @@ def length_bucket(n: int) -> int:
 
 def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored) over a sequence of n_tokens whose token 0 is a prefix (BOS) that is
-    never scored: window tokens [begin, end) are fed, targets begin+1 .. end-1 predicted, of which
-    those >= `first scored` count (each token exactly once)."""
+    never scored: window tokens [begin, end) (at most max_length) are fed, targets begin+1 .. end-1
+    predicted, of which those >= `first scored` count.  Windows start every `stride` tokens as in
+    HF's recipe; a window that would leave a gap after the previous one (stride == max_length: HF's
+    recipe then never scores each window's first token) starts one token earlier instead, so every
+    token after the prefix is scored exactly once."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if not 0 < stride <= max_length:
         raise ValueError(f"stride must be in 1..max_length ({max_length}), got {stride}")
-    out, prev_end = [], 1
-    for begin in range(0, n_tokens, stride):
-        end = min(begin + max_length, n_tokens)
-        if end - begin >= 2 and end > prev_end:
-            out.append((begin, end, max(prev_end, begin + 1)))
-        prev_end = max(prev_end, end)
-        if end == n_tokens:
-            break
+    out, prev_end, begin = [], 1, 0
+    while prev_end < n_tokens:
+        b = min(begin, prev_end - 1)
+        e = min(b + max_length, n_tokens)
+        out.append((b, e, prev_end))
+        prev_end, begin = e, begin + stride
     return out
 
 

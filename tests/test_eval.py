@@ -62,6 +62,11 @@ def test_measures_and_windows():
     scored = [t for b, e, first in wins for t in range(first, e)]
     assert scored == list(range(1, 11))
     assert wins[0] == (0, 4, 1) and all(e - b <= 4 for b, e, _ in wins)
+    assert wins == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8), (8, 11, 10)]  # HF's recipe: begin every 2
+    # disjoint windows (stride == max_length) still score every token once
+    wins = sliding_windows(11, 4, 4)
+    assert [t for b, e, first in wins for t in range(first, e)] == list(range(1, 11))
+    assert all(e - b <= 4 and b < first for b, e, first in wins)
 
 
 # ----------------------------------------------------------------------------- prompts vs lm-eval
@@ -210,14 +215,13 @@ def test_lm_eval_rolling_and_generate(smollm2_dir, smol):
 
     lm = LlamaJaxLM(pretrained=str(smollm2_dir), model=smol[0], max_length=16)
     text = "The quick brown fox jumps over the lazy dog. " * 3
-    roll = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
-    # == the sliding-window perplexity with windows of 16 (lm-eval's rolling windows score each token once)
-    model, tok = smol
-    from llama_jax.scoring import Scorer
-    from llama_jax.text import encode, prefix_token
+    reqs = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    roll = lm.loglikelihood_rolling(reqs, disable_tqdm=True)[0]
+    # == lm-eval's hf backend with the same max_length (rolling windows of 16 tokens)
+    from lm_eval.models.huggingface import HFLM
 
-    nll, _ = Scorer(model, max_length=16).perplexity(encode(tok, text, special=False), prefix_token(tok), 16, 16)
-    assert roll == pytest.approx(-nll, rel=1e-5)
+    ref = HFLM(pretrained=str(smollm2_dir), device="cpu", dtype="float32", max_length=16)
+    assert roll == pytest.approx(ref.loglikelihood_rolling(reqs, disable_tqdm=True)[0], abs=1e-3)
     out = lm.generate_until([Instance("generate_until", {}, ("The capital of France is",
                                                               {"until": ["."], "max_gen_toks": 8}), 0)],
                             disable_tqdm=True)

@@ -203,12 +203,14 @@ def eval_mc(scorer, tok, task: str, subjects, paths: list[str], cfg: EvalConfig,
             bar.update(n // len(CONTINUATIONS))
             el = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix({"q/s": f"{bar.n / el:.2f}", "tok/s": f"{scorer.tokens_done / el:.0f}"}, refresh=False)
+        # every question of every subject in one call: rows are sorted by length across subjects, so
+        # batches are full and few shapes compile
+        reqs = [r for s in subjects for q in s.questions for r in mc_requests(tok, prompt(q, s, fmt), vocab_size,
+                                                                                   q.where)]
+        res = iter(scorer.loglikelihood(reqs, progress=progress))
         for s in subjects:
-            reqs = []
-            for q in s.questions:
-                reqs += mc_requests(tok, prompt(q, s, fmt), vocab_size, q.where)
-            res = scorer.loglikelihood(reqs, progress=progress)
-            lls = np.array([r[0] for r in res], np.float64).reshape(len(s.questions), len(CONTINUATIONS))
+            lls = np.array([next(res)[0] for _ in range(len(s.questions) * len(CONTINUATIONS))],
+                           np.float64).reshape(len(s.questions), len(CONTINUATIONS))
             preds = lls.argmax(axis=1)
             gold = np.array([q.answer for q in s.questions])
             correct = int((preds == gold).sum())
