@@ -13,6 +13,11 @@ Contract
   scored.  Requests whose continuation is one token and whose contexts are equal share one row:
   a multiple-choice question with single-token choices (" A" ... " D") costs one forward pass
   of its prompt, and each choice is read off the last position's log-softmax.
+- Shared prefixes (few-shot): single-token rows are sorted and grouped by their common leading
+  tokens; a group of >= 2 rows sharing >= `min_prefix` tokens (k-shot prompts of one subject share
+  the description and the k examples) has that prefix run once into a KV cache, and only each
+  row's own tail is computed against it.  The tokens fed are exactly the same, so the result is
+  the same up to float rounding (the cached attention sums in another order); single device only.
 - `sliding_windows` / `Scorer.perplexity`: HF's "perplexity of fixed-length models" recipe:
   windows of max_length tokens every `stride` tokens, each token scored once (in the first window
   that reaches it), with the most context that window gives it.
@@ -101,11 +106,75 @@ def _row_logprobs(graphdef, state, ids, targets):
     return tlp, greedy
 
 
+def _broadcast_cache(cache, rows: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (rows,) + x.shape[1:]) if x.ndim else x, cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _prefix_cache(graphdef, state, prefix, length):
+    """prefix [1, P] (left-padded: id -1 = empty) -> a one-row Cache of `length` columns holding it."""
+    from .model import Cache
+
+    model = _inference(graphdef, state)
+    real = prefix >= 0
+    cache = Cache.init(model.config, 1, length)
+    _, cache = model(jnp.where(real, prefix, 0), real.astype(jnp.int32), cache=cache, return_hidden=True)
+    return cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _tail_last_logprobs(graphdef, state, cache, start, ids, last):
+    """ids [B, T] right-padded tails after the cached prefix (its real tokens end at position
+    start - 1): log-softmax at each row's `last` position, as _last_logprobs on prefix + tail."""
+    model = _inference(graphdef, state)
+    B, T = ids.shape
+    positions = start + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    h, _ = model(ids, jnp.ones((B, T), jnp.int32), positions, cache=_broadcast_cache(cache, B), return_hidden=True)
+    h = jnp.take_along_axis(h, last[:, None, None], axis=1)
+    return jax.nn.log_softmax(model.project(h)[:, 0].astype(jnp.float32), axis=-1)
+
+
+def prefix_groups(rows: Sequence[Sequence[int]], min_prefix: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Group row indices by a shared leading-token prefix: ([(prefix length, rows)], ungrouped rows).
+    Rows are visited in sorted order, so rows with a common prefix are neighbours; a group keeps
+    the prefix all its rows share, which is at least min_prefix and shorter than each row."""
+    order = sorted(range(len(rows)), key=lambda i: tuple(rows[i]))
+    groups, loose = [], []
+    cur, plen = [], 0
+
+    def close():
+        if len(cur) >= 2:
+            groups.append((plen, list(cur)))
+        else:
+            loose.extend(cur)
+
+    for i in order:
+        r = rows[i]
+        if cur:
+            a = rows[cur[0]]
+            n = 0
+            lim = min(plen, len(r) - 1)
+            while n < lim and a[n] == r[n]:
+                n += 1
+            if n >= min_prefix:
+                cur.append(i)
+                plen = n
+                continue
+            close()
+        cur, plen = [i], len(r) - 1
+    if cur:
+        close()
+    return groups, loose
+
+
 class Scorer:
     """Batched, bucketed scoring with one model (loaded on `mesh`, or on one device)."""
 
-    def __init__(self, model, batch_size: int = 8, max_length: int | None = None, mesh=None):
+    def __init__(self, model, batch_size: int = 8, max_length: int | None = None, mesh=None,
+                 min_prefix: int = 64):
         self.graphdef, self.state = nnx.split(model)
+        # shared-prefix caching (module docstring) for groups sharing >= min_prefix tokens; 0 = off
+        self.min_prefix = int(min_prefix) if mesh is None else 0
         self.config = model.config
         self.max_length = int(max_length or model.config.max_position_embeddings)
         self.mesh = mesh
@@ -162,16 +231,40 @@ class Scorer:
             else:
                 multi.append(i)
         rows = list(singles)
-        for idx, T in self._batches([len(r) for r in rows]):
+
+        def record(i, lp_row):
+            best = int(np.argmax(lp_row))
+            for q in singles[rows[i]]:
+                t = int(requests[q][1][0])
+                results[q] = (float(lp_row[t]), t == best)
+
+        groups, loose = prefix_groups(rows, self.min_prefix) if self.min_prefix else ([], list(range(len(rows))))
+        for plen, members in groups:
+            P = length_bucket(plen)
+            prefix = np.full((1, P), -1, np.int32)
+            prefix[0, P - plen:] = rows[members[0]][:plen]
+            tails = [rows[i][plen:] for i in members]
+            longest = length_bucket(max(len(t) for t in tails))
+            cache = _prefix_cache(self.graphdef, self.state, jnp.asarray(prefix), P + longest)
+            for sub, T in self._batches([len(t) for t in tails]):
+                ids = self._pad([tails[j] for j in sub], T)
+                last = np.zeros((len(ids),), np.int32)
+                last[:len(sub)] = [len(tails[j]) - 1 for j in sub]
+                lp = np.asarray(_tail_last_logprobs(self.graphdef, self.state, cache, jnp.int32(plen),
+                                                    jnp.asarray(ids), jnp.asarray(last)))
+                for r, j in enumerate(sub):
+                    record(members[j], lp[r])
+                self._count(len(sub), sum(len(tails[j]) for j in sub), progress,
+                            sum(len(singles[rows[members[j]]]) for j in sub))
+        rows_loose = loose
+        for idx, T in self._batches([len(rows[i]) for i in rows_loose]):
+            idx = [rows_loose[i] for i in idx]
             ids = self._pad([rows[i] for i in idx], T)
             last = np.zeros((len(ids),), np.int32)
             last[:len(idx)] = [len(rows[i]) - 1 for i in idx]
             lp = np.asarray(_last_logprobs(self.graphdef, self.state, self._put(ids), self._put(last)))
             for r, i in enumerate(idx):
-                best = int(np.argmax(lp[r]))
-                for q in singles[rows[i]]:
-                    t = int(requests[q][1][0])
-                    results[q] = (float(lp[r, t]), t == best)
+                record(i, lp[r])
             self._count(len(idx), sum(len(rows[i]) for i in idx), progress, sum(len(singles[rows[i]]) for i in idx))
         if multi:
             fed, tgt = [], []

@@ -121,6 +121,29 @@ def test_cmmlu_choice_loglikelihoods_equal_transformers(smol, hf_smol, data_dir,
                       tmp_path)
 
 
+def test_cmmlu_shared_prefix_equals_transformers(smol, hf_smol, data_dir, tmp_path):
+    """k-shot prompts of one subject share the description and the k examples: the scorer runs that
+    prefix once into a KV cache and only each question's tail after it (scoring.prefix_groups);
+    the log-likelihoods still equal transformers' full forward of every prompt."""
+    from llama_jax.scoring import prefix_groups
+
+    model, tok = smol
+    (s,) = load_subjects("cmmlu", data_dir / "benchmarks/cmmlu", ["arts"], shots=2, limit=6)
+    ctxs = [mc_requests(tok, prompt(q, s, FORMATS["cmmlu"]), 10 ** 9, q.where)[0][0] for q in s.questions]
+    groups, loose = prefix_groups(ctxs, 64)
+    assert len(groups) == 1 and not loose and groups[0][0] >= 64  # the shared path is taken
+    _check_choice_lls(smol, hf_smol, data_dir, ["arts"], 6, 2, tmp_path)
+
+
+def test_prefix_groups():
+    from llama_jax.scoring import prefix_groups
+
+    rows = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [7, 8], [1, 2, 3, 4, 6, 7], [7, 8, 9]]
+    assert prefix_groups(rows, 3) == ([(3, [0, 3, 1])], [2, 4])  # [7, 8] is a whole row: never a prefix
+    assert prefix_groups(rows, 4) == ([(4, [0, 3])], [1, 2, 4])
+    assert prefix_groups(rows, 1) == ([(3, [0, 3, 1]), (1, [2, 4])], [])
+
+
 @pytest.mark.slow
 def test_cmmlu_choice_loglikelihoods_equal_transformers_5shot(smol, hf_smol, data_dir, tmp_path):
     _check_choice_lls(smol, hf_smol, data_dir, ["agronomy", "arts"], 20, 5, tmp_path)
