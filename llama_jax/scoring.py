@@ -17,7 +17,7 @@ Contract
   tokens; a group of >= 2 rows sharing >= `min_prefix` tokens (k-shot prompts of one subject share
   the description and the k examples) has that prefix run once into a KV cache, and only each
   row's own tail is computed against it.  The tokens fed are exactly the same, so the result is
-  the same up to float rounding (the cached attention sums in another order); single device only.
+  the same up to float rounding (the cached attention sums in another order); on one device.
 - `sliding_windows` / `Scorer.perplexity`: HF's "perplexity of fixed-length models" recipe:
   windows of max_length tokens every `stride` tokens, each token scored once (in the first window
   that reaches it), with the most context that window gives it.
@@ -174,7 +174,8 @@ class Scorer:
                  min_prefix: int = 64):
         self.graphdef, self.state = nnx.split(model)
         # shared-prefix caching (module docstring) for groups sharing >= min_prefix tokens; 0 = off
-        self.min_prefix = int(min_prefix) if mesh is None else 0
+        # (one device: multi-device meshes take the plain path, which splits rows over the mesh)
+        self.min_prefix = int(min_prefix) if mesh is None or mesh.size == 1 else 0
         self.config = model.config
         self.max_length = int(max_length or model.config.max_position_embeddings)
         self.mesh = mesh
