@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "else chinese-alpaca-2)")
     sv.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the checkpoint's)")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    sv.add_argument("--mesh", default=None, metavar="data=1,fsdp=-1,tensor=1",
+                    help="shard the weights over a device mesh (default: one device)")
     sv.add_argument("--served-model-name", default=None, help="model id in the API (default: the model dir's name)")
     sv.set_defaults(func=lambda a: __import__("llama_jax.serve.server", fromlist=["run_serve"]).run_serve(a))
 

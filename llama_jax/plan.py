@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from .sharding import parse_mesh
 
 GIB = 1024 ** 3
 REPO = Path(__file__).resolve().parents[1]
@@ -605,21 +606,16 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def parse_mesh(s: str | None) -> dict | None:
-    if not s:
-        return None
-    out = {}
-    for part in s.split(","):
-        k, _, v = part.partition("=")
-        if k.strip() not in ("data", "fsdp", "tensor") or not v.strip().lstrip("-").isdigit():
-            raise PlanError(f"--mesh {s!r}: expected e.g. data=1,fsdp=4,tensor=2")
-        out[k.strip()] = int(v)
-    return out
+def _mesh_arg(s):
+    try:
+        return parse_mesh(s)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
 
 
 def cmd_plan(args) -> int:
     vocab = None if args.vocab_size == 0 else args.vocab_size
-    kw = dict(batch=args.batch, seq=args.seq, mesh=parse_mesh(args.mesh), vocab_size=vocab, config=args.config,
+    kw = dict(batch=args.batch, seq=args.seq, mesh=_mesh_arg(args.mesh), vocab_size=vocab, config=args.config,
               overrides=args.set or ())
     t0 = time.perf_counter()
     topo = get_topology(args.topology)

@@ -40,6 +40,20 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 log = logging.getLogger(__name__)
 
 
+def parse_mesh(s: str | None) -> dict | None:
+    """`--mesh data=1,fsdp=4,tensor=2` (one entry may be -1 = all remaining devices) -> a shape for
+    make_mesh; None for an empty string."""
+    if not s:
+        return None
+    out = {}
+    for part in s.split(","):
+        k, _, v = part.partition("=")
+        if k.strip() not in MESH_AXES or not v.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {s!r}: expected e.g. data=1,fsdp=4,tensor=2 (axes {', '.join(MESH_AXES)})")
+        out[k.strip()] = int(v)
+    return out
+
+
 def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Build a ('data', 'fsdp', 'tensor') mesh; one entry may be -1 = all remaining devices.

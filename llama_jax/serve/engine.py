@@ -137,7 +137,13 @@ class Engine:
         self.buckets = cfg.buckets()
         # committed to the device from the start, as the compiled steps return them: an uncommitted
         # first argument would make the warm-up compile a variant that real requests never use
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # A model loaded on a mesh (`--mesh`): the slots' state is replicated over it and the steps
+        # run under GSPMD with the parameters' own shardings.
+        mesh = getattr(model, "mesh", None)
+        if mesh is not None and mesh.size > 1:
+            dev = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        else:
+            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self.cache, self.tokens, self.keys = jax.device_put(
             (Cache.init(mcfg, B, S)._replace(index=jnp.zeros((B,), jnp.int32)), jnp.zeros((B,), jnp.int32),
              jax.random.split(jax.random.key(0), B)), dev)

@@ -27,14 +27,18 @@ class ServeConfig:
     dtype: str | None = None
     api_key: str | None = None
     model_name: str | None = None
+    # None: one device.  A shape such as {"fsdp": -1} loads the weights sharded over the mesh (a model
+    # larger than one accelerator); the slots' KV cache is then replicated (serve.engine).
+    mesh: dict | None = None
 
 
-def load_inference_model(path, dtype=None, adapter=None):
-    """llama_jax.load(path), with a PEFT LoRA adapter loaded and merged into the weights."""
+def load_inference_model(path, dtype=None, adapter=None, mesh=None):
+    """llama_jax.load(path) (on `mesh` if given), with a PEFT LoRA adapter loaded and merged into
+    the weights."""
     import llama_jax
     from .. import lora
 
-    model = llama_jax.load(path, dtype=dtype)
+    model = llama_jax.load(path, dtype=dtype, mesh=mesh)
     if adapter:
         lora.load_peft(model, adapter)
         model = lora.merge(model)
@@ -49,7 +53,13 @@ def build(cfg: ServeConfig, say=print):
     from .engine import Engine, EngineConfig
 
     t0 = time.perf_counter()
-    model = load_inference_model(cfg.model, cfg.dtype, cfg.adapter)
+    mesh = None
+    if cfg.mesh:
+        from ..sharding import make_mesh
+
+        mesh = make_mesh(cfg.mesh)
+        say(f"serve: weights sharded over mesh {dict(mesh.shape)}")
+    model = load_inference_model(cfg.model, cfg.dtype, cfg.adapter, mesh)
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     mcfg = model.config
     max_length = cfg.max_length
@@ -74,11 +84,13 @@ def build(cfg: ServeConfig, say=print):
 def run_serve(args) -> int:
     import uvicorn
 
+    from ..sharding import parse_mesh
+
     cfg = ServeConfig(model=args.model, adapter=args.adapter, tokenizer=args.tokenizer, host=args.host,
                       port=args.port, max_batch=args.max_batch, max_length=args.max_length, max_queue=args.max_queue,
                       prefill_buckets=tuple(int(x) for x in args.prefill_buckets.split(",")) if args.prefill_buckets
                       else (), template=args.template, dtype=args.dtype, api_key=args.api_key,
-                      model_name=args.served_model_name)
+                      model_name=args.served_model_name, mesh=parse_mesh(args.mesh))
     for name in ("max_batch", "max_length", "port"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

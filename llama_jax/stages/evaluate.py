@@ -316,7 +316,9 @@ def cmd_eval(args) -> int:
         raise DataError("--model is required")
     mesh = dict(zip(("data", "fsdp", "tensor"), (1, -1, 1)))
     if args.mesh:
-        mesh = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
+        from ..sharding import parse_mesh  # imported on use: jax stays out of `llama-jax --help`
+
+        mesh = parse_mesh(args.mesh)
     cfg = EvalConfig(model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
                      data=args.data or [], adapter=args.adapter, tokenizer=args.tokenizer, shots=args.shots,
                      subjects=args.subjects, limit=args.limit, batch_size=args.batch_size,
