@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # for a TPU at startup.  Same jax as .venv, plus libtpu (compile-only: no TPU needed).
 PLAN_VENV := .venv-plan
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-all install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 # plan-env: the TPU-lowering test (tests/test_plan.py, a toy compile for a v5e with splash
 # attention) runs on every `make test`
 test: $(STAMP) $(PLAN_VENV)/.installed
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# the long runs too (3 GB corpus, tiny real-data demo, 5-shot parity, SmolLM2 serving, ...): ~30 min
+test-all: $(STAMP) $(PLAN_VENV)/.installed
 	$(BIN)/python -m pytest -q tests
 
 .PHONY: plan-env

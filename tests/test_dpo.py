@@ -102,7 +102,10 @@ def test_lora_dpo_starts_at_zero_margin(tmp_path, data_dir):
     r = dpo.run_config(cfg, str(tmp_path / "run"))
     assert r["reference"] == "lora_off"
     m = _metrics(r["run_dir"])
-    assert m[0]["margin"] == 0.0 and m[0]["reward_chosen"] == 0.0  # policy == reference at step 0 (B = 0)
+    # policy == reference at step 0 (B = 0).  Exactly 0.0 on earlier hosts; on this session's host the
+    # same commit gives -6.7e-7: XLA:CPU compiles the policy (x@W + s*(x@A)@B, B = 0) and the LoRA-off
+    # reference as two graphs whose dots round differently, so the check allows float rounding.
+    assert abs(m[0]["margin"]) <= 1e-5 and abs(m[0]["reward_chosen"]) <= 1e-5
     assert abs(m[0]["loss"] - math.log(2)) < 1e-6
     assert m[1]["margin"] != 0.0  # and the first update moved it
 
