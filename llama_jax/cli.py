@@ -10,10 +10,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get("LLAMA_JAX_DATA", REPO.parent / "shared" / "data"))
-
-
 def _cmd_generate(args) -> int:
     import llama_jax
     from .text import load_tokenizer

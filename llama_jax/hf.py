@@ -245,7 +245,7 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, tokenizer=None, *, dtype=N
     (sharded with model.safetensors.index.json when larger than max_shard_bytes), tokenizer files,
     `extra_files` (name -> bytes).  The directory appears only once complete (temporary directory,
     then rename)."""
-    from .lora import has_lora
+    from .model import has_lora
 
     if has_lora(model):
         raise ValueError("save_hf: the model has LoRA factors attached; merge them first "

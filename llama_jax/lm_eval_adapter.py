@@ -166,7 +166,7 @@ def write_local_tasks(out_dir: str | Path, data_dir: str | Path | None = None) -
     from .data.multiple_choice import CEVAL_SUBJECTS, CMMLU_SUBJECTS, FORMATS, LETTERS, BenchmarkSource, read_split
 
     if data_dir is None:
-        from .cli import default_data_dir
+        from .tokenizer.corpus import default_data_dir
 
         data_dir = default_data_dir()
     bench = Path(data_dir) / "benchmarks"
@@ -219,7 +219,7 @@ def write_local_tasks(out_dir: str | Path, data_dir: str | Path | None = None) -
 def _local_tasks_dir() -> Path:
     import os
 
-    from .cli import default_data_dir
+    from .tokenizer.corpus import default_data_dir
 
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama_jax" / "lm_eval_tasks"
     return write_local_tasks(root, default_data_dir())

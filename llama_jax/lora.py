@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .model import has_lora  # noqa: F401  (public here too)
 from .quant import dequantize_model, kernel_shape
 from .safetensors_io import SafetensorsFile, write_file
 
@@ -312,12 +313,6 @@ def _detach(model) -> None:
         lin.lora = nnx.static(None)
     if hasattr(model, "lora_config"):
         del model.lora_config
-
-
-def has_lora(model) -> bool:
-    from .model import Linear
-
-    return any(isinstance(m, Linear) and m.lora is not None for _, m in nnx.iter_modules(model))
 
 
 # ----------------------------------------------------------------------------- PEFT format

@@ -396,6 +396,11 @@ class Llama(nnx.Module):
         return constrain(logits, ("batch", "length", "act_vocab"), self.mesh).astype(jnp.float32)
 
 
+def has_lora(model) -> bool:
+    """Whether any projection of `model` carries LoRA factors (llama_jax.lora applies them)."""
+    return any(isinstance(m, Linear) and m.lora is not None for _, m in nnx.iter_modules(model))
+
+
 def init_model(cfg: LlamaConfig, seed: int = 0, head: str = "lm", mesh=None) -> Llama:
     """A randomly initialised model; with a mesh, parameters are created already sharded."""
     if mesh is None:

@@ -55,7 +55,7 @@ class EvalConfig:
 
 
 def default_data(task: str) -> Path | None:
-    from ..cli import default_data_dir
+    from ..tokenizer.corpus import default_data_dir
 
     d = default_data_dir() / "benchmarks"
     return {"ceval": d / "ceval" / "ceval-exam.zip", "cmmlu": d / "cmmlu"}.get(task)

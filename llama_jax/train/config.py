@@ -115,7 +115,7 @@ def resolve_path(cfg: dict, p: str | None) -> str | None:
     """Relative paths in a config: '$DATA/...' is the shared data dir; others are taken as given."""
     if p is None:
         return None
-    from ..cli import default_data_dir
+    from ..tokenizer.corpus import default_data_dir
 
     if p.startswith("$DATA"):
         return str(default_data_dir()) + p[len("$DATA"):]
