@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .data.chat import Conversation, get_template, resolve_template
+from .data.records import Conversation
+from .data.templates import get_template, resolve_template
 from .generate import SamplingParams, _TextStreamer, decoder, prefill
 from .model import Cache
 

@@ -289,7 +289,8 @@ def hacking_signal(recs: list[dict]) -> dict | None:
 
 # ----------------------------------------------------------------------------- evaluation
 def _prompt_ids(tok, question: str) -> list[int]:
-    from .data.chat import USER, Conversation, generation_prompt_ids
+    from .data.records import USER, Conversation
+    from .data.templates import generation_prompt_ids
 
     return generation_prompt_ids(Conversation(None, [(USER, question)]), tok, TEMPLATE)
 
@@ -310,7 +311,8 @@ def rm_scores(rm, tok, prompts: list[str], replies: list[str]):
     import jax.numpy as jnp
     import numpy as np
 
-    from .data.chat import ASSISTANT, USER, Conversation, get_template
+    from .data.records import ASSISTANT, USER, Conversation
+    from .data.templates import get_template
     from .stages.reward import last_token_scores
 
     tpl = get_template(TEMPLATE)

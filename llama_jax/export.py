@@ -11,7 +11,7 @@ from .train.config import resolve_path
 def export(src: str | Path, out: str | Path, peft: bool = False, step: int | None = None) -> Path:
     import llama_jax
 
-    from .data.chat import TEMPLATE_FILE, recorded_template, template_record
+    from .data.templates import TEMPLATE_FILE, recorded_template, template_record
 
     src = Path(src)
     run_cfg = src / "config.json"

@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from llama_jax.data.chat import (IGNORE_INDEX, Conversation, EncodedExample, Stats, bucket_batches, encode,
-                                 get_template, iter_records, load_sft, naive_padding_fraction, pack_examples,
-                                 padding_fraction, render, to_conversation)
+from llama_jax.data.records import Conversation, Stats, iter_records, to_conversation
+from llama_jax.data.sft_examples import (IGNORE_INDEX, EncodedExample, bucket_batches, encode, load_sft,
+                                         naive_padding_fraction, pack_examples, padding_fraction)
+from llama_jax.data.templates import get_template, render
 from llama_jax.data.sources import DataError
 from llama_jax.text import load_tokenizer
 

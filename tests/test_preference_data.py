@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from llama_jax.data.chat import IGNORE_INDEX, Conversation, Stats, encode
+from llama_jax.data.records import Conversation, Stats
+from llama_jax.data.sft_examples import IGNORE_INDEX, encode
 from llama_jax.data.preference import PairExample, encode_pair, load_pairs, pair_batch, to_preference
 from llama_jax.data.sources import DataError
 from llama_jax.text import load_tokenizer

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import llama_jax
-from llama_jax.data.chat import Conversation, generation_prompt_ids
+from llama_jax.data.records import Conversation
+from llama_jax.data.templates import generation_prompt_ids
 from llama_jax.text import load_tokenizer
 from serve_util import Server
 

@@ -69,7 +69,7 @@ def test_lora_sft_exports_merged_and_peft_with_same_logits(tmp_path, data_dir):
     assert main(["export", "--model", r["run_dir"], "--out", str(tmp_path / "merged")]) == 0
     assert main(["export", "--model", r["run_dir"], "--out", str(tmp_path / "adapter"), "--peft"]) == 0
     # both record the template the run trained with, which serve / chat then use by default
-    from llama_jax.data.chat import resolve_template
+    from llama_jax.data.templates import resolve_template
 
     want = cfg["data"]["template"]
     assert resolve_template(None, tmp_path / "merged")[0] == want

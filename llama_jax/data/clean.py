@@ -16,7 +16,7 @@ Order of the rules (a record is counted under the first rule that removes it):
  fixes (modify, never remove): control characters stripped; mojibake repaired with
    `ftfy.fix_encoding` (only the encoding: quotes, widths and ligatures are left alone);
    Traditional -> Simplified with OpenCC `t2s` (`to_simplified`); e-mail / phone masking (`mask_pii`).
- 1. invalid_record      unparsable JSON or not an alpaca / sharegpt / messages record (chat.py's parser)
+ 1. invalid_record      unparsable JSON or not an alpaca / sharegpt / messages record (records.py's parser)
  2. broken_text         U+FFFD replacement characters or mojibake ftfy could not repair
  3. exact_dup           same record after normalisation (NFKC, CJK punctuation -> ASCII, whitespace, case)
  4. empty_response      an assistant turn empty or shorter than `min_response_chars` (text: the document)
@@ -47,7 +47,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .chat import ASSISTANT, USER, RecordError, read_records, to_conversation
+from .records import ASSISTANT, USER, RecordError, read_records, to_conversation
 from .sources import DataError, expand
 
 # Refusals and AI boilerplate common in distilled Chinese SFT sets (ChatGPT / GPT-4 answers).  Python

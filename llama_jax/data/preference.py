@@ -8,9 +8,9 @@ Record formats (one file may mix them):
 * ranked: {instruction[, input], output: [best, second, ...][, history]}: output[0] is chosen
   and output[1] rejected (one pair per record, as the source repositories do).
 
-The prompt is rendered with the same templates as SFT (`chat.get_template`), so a pair's
-prompt ids + chosen ids are exactly what `chat.encode` gives for the conversation ending in
-the chosen reply; response ids end with EOS.
+The prompt is rendered with the same templates as SFT (`templates.get_template`), so a pair's
+prompt ids + chosen ids are exactly what `sft_examples.encode` gives for the conversation ending
+in the chosen reply; response ids end with EOS.
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chat import (ASSISTANT, ROLE_NAMES, USER, Conversation, RecordError, Stats, Template, _alpaca_prompt,
-                   _history, _required, _str, _system, get_template, iter_records, message_keys,
-                   parse_messages)
+from .records import (ASSISTANT, ROLE_NAMES, USER, Conversation, RecordError, Stats, alpaca_prompt,
+                      history_messages, iter_records, message_keys, parse_messages, required_field, str_field,
+                      system_prompt)
 from .sources import DataError
+from .templates import Template, get_template, prompt_and_reply_ids
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
 CHOSEN_KEYS = ("chosen", "response_chosen")
@@ -44,15 +45,15 @@ class PairExample:
 
 def _response(rec: dict, keys: tuple[str, ...]) -> str:
     key = next((k for k in keys if k in rec), keys[0])
-    v = _required(rec, key)
+    v = required_field(rec, key)
     if isinstance(v, dict):  # sharegpt message {from, value}
         rkey, vkey = message_keys(v)
         if rkey in v and ROLE_NAMES.get(str(v[rkey]).strip().lower()) != ASSISTANT:
             raise RecordError("roles_out_of_order", f"{key}.{rkey}", f"{v[rkey]!r}, expected an assistant reply")
-        text = _str(_required(v, vkey, f"{key}.{vkey}"), f"{key}.{vkey}")
+        text = str_field(required_field(v, vkey, f"{key}.{vkey}"), f"{key}.{vkey}")
         key = f"{key}.{vkey}"
     else:
-        text = _str(v, key)
+        text = str_field(v, key)
     if not text.strip():
         raise RecordError("empty_response", key, "the response is empty")
     return text
@@ -65,7 +66,7 @@ def to_preference(rec, stats: Stats | None = None, source: str | None = None) ->
     inputs = {}
     if "conversations" in rec:
         system, messages = parse_messages(rec["conversations"], "conversations")
-        system = _system(rec, system)
+        system = system_prompt(rec, system)
         if not messages:
             raise RecordError("empty_prompt", "conversations", "no user turn")
         if messages[-1][0] != USER:
@@ -77,17 +78,17 @@ def to_preference(rec, stats: Stats | None = None, source: str | None = None) ->
         if key is None:
             raise RecordError("missing_field", "prompt", f"missing: none of {', '.join(PROMPT_KEYS)} or conversations "
                               f"(fields: {', '.join(map(str, rec)) or 'none'})")
-        messages = _history(rec)
-        user, instruction, inp = _alpaca_prompt(rec, key)
+        messages = history_messages(rec)
+        user, instruction, inp = alpaca_prompt(rec, key)
         if inp.strip():
             inputs = {len(messages): (instruction, inp)}
         messages.append((USER, user))
-        system = _system(rec)
+        system = system_prompt(rec)
         if not any(k in rec for k in CHOSEN_KEYS) and isinstance(rec.get("output"), list):
             ranked = rec["output"]
             if len(ranked) < 2:
                 raise RecordError("too_few_responses", "output", f"{len(ranked)} ranked response(s), need 2")
-            chosen, rejected = (_str(ranked[i], f"output[{i}]") for i in (0, 1))
+            chosen, rejected = (str_field(ranked[i], f"output[{i}]") for i in (0, 1))
             for i, text in enumerate((chosen, rejected)):
                 if not text.strip():
                     raise RecordError("empty_response", f"output[{i}]", "the response is empty")
@@ -96,13 +97,6 @@ def to_preference(rec, stats: Stats | None = None, source: str | None = None) ->
     if chosen.strip() == rejected.strip():
         raise RecordError("identical_responses", "rejected", "chosen and rejected are the same text")
     return Preference(Conversation(system, messages, inputs), chosen, rejected)
-
-
-def _prompt_and_response(conv: Conversation, reply: str, tokenizer, template: Template):
-    full = Conversation(conv.system, conv.messages + [(ASSISTANT, reply)], conv.inputs)
-    exs = template.exchanges(full, tokenizer)
-    prompt = [i for p, r in exs[:-1] for i in p + r] + exs[-1][0]
-    return prompt, exs[-1][1]
 
 
 def encode_pair(pref: Preference, tokenizer, template: str | Template, max_length: int,
@@ -121,8 +115,8 @@ def encode_pair(pref: Preference, tokenizer, template: str | Template, max_lengt
     max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"max_prompt_length {max_prompt_length} must be in (0, max_length={max_length})")
-    prompt, chosen = _prompt_and_response(pref.conversation, pref.chosen, tokenizer, template)
-    prompt_r, rejected = _prompt_and_response(pref.conversation, pref.rejected, tokenizer, template)
+    prompt, chosen = prompt_and_reply_ids(pref.conversation, pref.chosen, tokenizer, template)
+    prompt_r, rejected = prompt_and_reply_ids(pref.conversation, pref.rejected, tokenizer, template)
     if prompt_r != prompt:
         raise ValueError(f"template {template.name!r} encodes the prompt differently for the two responses")
     longest = max(len(chosen), len(rejected))

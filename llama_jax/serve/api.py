@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request as HttpRequest, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..data.chat import Conversation, RecordError, generation_prompt_ids, parse_messages
+from ..data.records import Conversation, RecordError, parse_messages
+from ..data.templates import generation_prompt_ids
 from .engine import Engine, Event, PromptTooLong, QueueFull, Request
 
 log = logging.getLogger("llama_jax.serve")
@@ -170,7 +171,7 @@ def completion_prompt_ids(body: dict, tokenizer) -> list[int]:
 
 # ----------------------------------------------------------------------------- the app
 def create_app(engine: Engine, tokenizer, *, model_name: str, template=None, api_key: str | None = None):
-    """The FastAPI application.  `template`: the chat template (name or data.chat.Template)."""
+    """The FastAPI application.  `template`: the chat template (name or data.templates.Template)."""
     app = FastAPI(title="llama-jax serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     capped_said = [False]

@@ -47,7 +47,7 @@ def load_inference_model(path, dtype=None, adapter=None, mesh=None):
 
 def build(cfg: ServeConfig, say=print):
     """(app, engine) ready to serve: the engine's scheduler is started (compiled)."""
-    from ..data.chat import get_template, resolve_template
+    from ..data.templates import get_template, resolve_template
     from ..text import load_tokenizer
     from .api import create_app
     from .engine import Engine, EngineConfig

@@ -25,9 +25,11 @@ import numpy as np
 from flax import nnx
 
 from ..config import PRESETS
-from ..data.chat import RecordError, Stats, get_template, iter_records, load_sft
 from ..data.preference import PairExample, encode_pair, pair_batch, to_preference
+from ..data.records import RecordError, Stats, iter_records
+from ..data.sft_examples import load_sft
 from ..data.sources import DataError
+from ..data.templates import get_template
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
 from ..train.loop import Task, _to_global, train
 from .common import build_mesh, build_model, build_tokenizer, check_vocab

@@ -27,10 +27,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ..data.chat import (ASSISTANT, USER, Conversation, RecordError, Stats, _alpaca_prompt, _history, _system,
-                         generation_prompt_ids, get_template, iter_records, parse_messages)
 from ..data.packing import StepIndexedBatches
+from ..data.records import USER, Conversation, Stats, iter_records, prompt_conversation
 from ..data.sources import DataError
+from ..data.templates import generation_prompt_ids, get_template
 from ..generate import left_pad
 from ..rl.rollout import get_reward_fn, reference_store, sample_responses
 from ..train.config import ConfigError, resolve_path
@@ -40,29 +40,6 @@ from .common import build_mesh, build_model, build_tokenizer, check_vocab
 
 
 # ----------------------------------------------------------------------------- prompts
-def _prompt_conversation(rec, stats, source) -> Conversation:
-    """A record's prompt: sharegpt messages up to the last user turn (any trailing reply dropped),
-    or an alpaca / preference record's instruction (+ input, history, system)."""
-    if not isinstance(rec, dict):
-        raise RecordError("bad_structure", "<record>", f"is {type(rec).__name__}, expected an object")
-    if "conversations" in rec or "messages" in rec:
-        key = "conversations" if "conversations" in rec else "messages"
-        system, messages = parse_messages(rec[key], key)
-        while messages and messages[-1][0] == ASSISTANT:
-            messages = messages[:-1]
-        if not messages:
-            raise RecordError("empty_prompt", key, "no user turn")
-        return Conversation(_system(rec, system), messages)
-    key = next((k for k in ("prompt", "question", "instruction") if k in rec), None)
-    if key is None:
-        raise RecordError("missing_field", "prompt", "missing: none of prompt, question, instruction or "
-                          f"conversations (fields: {', '.join(map(str, rec)) or 'none'})")
-    messages = _history(rec)
-    user, instruction, inp = _alpaca_prompt(rec, key)
-    inputs = {len(messages): (instruction, inp)} if inp.strip() else {}
-    return Conversation(_system(rec), messages + [(USER, user)], inputs)
-
-
 def load_prompts(cfg, tok, task: str = "PPO") -> tuple[list[list[int]], Stats]:
     """The prompts of a run config's `data` section as token ids, and the loading stats."""
     dc = cfg["data"]
@@ -76,7 +53,7 @@ def load_prompts(cfg, tok, task: str = "PPO") -> tuple[list[list[int]], Stats]:
         convs = [Conversation(None, [(USER, str(t))]) for t in dc["prompts"]]
         files = dc["prompt_files"] if isinstance(dc["prompt_files"], list) else [dc["prompt_files"]]
         if files:
-            convs += [c for _, c in iter_records([resolve_path(cfg, f) for f in files], _prompt_conversation,
+            convs += [c for _, c in iter_records([resolve_path(cfg, f) for f in files], prompt_conversation,
                                                  stats, dc["on_error"])]
         for c in convs:
             ids = generation_prompt_ids(c, tok, template)

@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data.chat import IGNORE_INDEX, Conversation, bucket_batches, get_template, load_sft, pack_examples, padding_fraction
 from ..data.packing import StepIndexedBatches, StepIndexedList
+from ..data.records import USER, Conversation
+from ..data.sft_examples import IGNORE_INDEX, bucket_batches, load_sft, pack_examples, padding_fraction
 from ..data.sources import DataError, expand
+from ..data.templates import generation_prompt_ids, get_template
 from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
 from ..train.loop import Task
 from .common import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
@@ -136,8 +138,7 @@ def _text_lm_loss(m, b, rng):
 def _sample_prompts(dc, template, tok):
     out = []
     for q in dc["sample_prompts"] or []:
-        conv = Conversation(None, [("user", q), ("assistant", "x")])
-        out.append((q, template.exchanges(conv, tok)[0][0]))
+        out.append((q, generation_prompt_ids(Conversation(None, [(USER, q)]), tok, template)))
     return out
 
 

@@ -44,7 +44,7 @@ def main():
         rows.append({"batching": batching, "step_time_s": statistics.median(times), "steps_timed": len(times)})
         print(rows[-1], flush=True)
     # useful tokens per batch, from the data itself
-    from llama_jax.data.chat import bucket_batches, load_sft, pack_examples, padding_fraction
+    from llama_jax.data.sft_examples import bucket_batches, load_sft, pack_examples, padding_fraction
     from llama_jax.text import load_tokenizer
     from llama_jax.cli import default_data_dir
 
