@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .config import ATTENTION_IMPLS as IMPLS
+from .sharding import spec_for
 SPLASH_LANES = 128  # block sizes (and so sequence lengths) must be multiples of this
 
 
@@ -101,8 +102,6 @@ def _splash_local(q, k, v, seg, interpret: bool):
 
 def splash_attention(q, k, v, segment_ids, *, scale: float, mesh=None, interpret: bool | None = None):
     """Splash attention with causal + segment masking (see the module docstring)."""
-    from .sharding import spec_for
-
     B, T, N, D = q.shape
     K = k.shape[2]
     if interpret is None:

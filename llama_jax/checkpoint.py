@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 from flax import nnx
 
 from .config import LlamaConfig
+from .fsutil import atomic_output_dir
 from .model import Llama, abstract_model, platform_compute_dtype
+from .sharding import state_shardings
 
 FORMAT = 1
 
@@ -27,9 +27,7 @@ def _checkpointer():
 def save_checkpoint(model: Llama, out_dir: str | os.PathLike) -> Path:
     """Parameters (LoRA factors included) of `model`, written atomically."""
     out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, replace=True) as tmp:
         state = nnx.state(model, nnx.Param)
         ckptr = _checkpointer()
         ckptr.save(tmp / "params", nnx.to_pure_dict(state))
@@ -37,18 +35,10 @@ def save_checkpoint(model: Llama, out_dir: str | os.PathLike) -> Path:
         (tmp / "config.json").write_text(model.config.to_json_string())
         (tmp / "llama_jax.json").write_text(json.dumps({"format": FORMAT, "head": model.head,
                                                         "param_dtype": model.config.param_dtype}) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
 def load_checkpoint(path: str | os.PathLike, dtype=None, mesh=None, **runtime) -> Llama:
-    from .sharding import state_shardings
-
     path = Path(path).absolute()
     meta = json.loads((path / "llama_jax.json").read_text())
     if meta.get("format") != FORMAT:

@@ -43,6 +43,9 @@ import ml_dtypes
 import numpy as np
 
 from .config import LlamaConfig
+from .hf import generation_config, write_hf_dir
+from .tokenizer.hf_files import UnsupportedNormalizerError, hf_config_files
+from .tokenizer.sp_model import load_model_proto
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +365,6 @@ def _tokenizer_for(cc: ConvertConfig) -> Path | None:
 
 def convert(cc: ConvertConfig) -> Path:
     """Convert cc.src into an HF directory at cc.out (atomically); returns cc.out."""
-    from .hf import generation_config, write_hf_dir
-
     cfg, sources, src_dtype = (read_meta(cc.src, cc.max_position_embeddings) if cc.format == "meta"
                                else read_llama2c(cc.src))
     if cc.format == "llama2c" and cc.max_position_embeddings:
@@ -399,9 +400,6 @@ def convert(cc: ConvertConfig) -> Path:
 def tokenizer_files(tok: Path, cfg: LlamaConfig) -> tuple[LlamaConfig, dict[str, bytes]]:
     """tokenizer.model (+ tokenizer.json & co. when they can encode exactly like it), all built
     before anything is written; the config takes the tokenizer's bos / eos / pad ids."""
-    from .tokenizer.hf_files import UnsupportedNormalizerError, hf_config_files
-    from .tokenizer.sp_model import load_model_proto
-
     try:
         proto = load_model_proto(tok)
     except Exception as e:

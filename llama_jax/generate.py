@@ -282,8 +282,10 @@ def generate(model: Llama, prompts, tokenizer=None, *, max_new_tokens: int = 64,
     return results
 
 
-class _TextStreamer:
-    """Prints decoded text incrementally (decoding the whole tail keeps multi-byte characters whole)."""
+class TextStreamer:
+    """A token callback that prints the decoded text incrementally to stdout (decoding the whole tail
+    keeps multi-byte characters whole); `finish()` ends the line.  Batch size 1.  Keep one instance
+    per session: jit hashes it by identity, so a fresh one per call recompiles."""
 
     def __init__(self, tokenizer):
         self.tok, self.ids, self.printed = tokenizer, [], 0
@@ -312,4 +314,4 @@ def _stream_callback(stream, tokenizer, batch):
         return stream
     if batch != 1 or tokenizer is None:
         raise ValueError("generate: stream=True needs a single text prompt and a tokenizer")
-    return _TextStreamer(tokenizer)
+    return TextStreamer(tokenizer)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .checkpoint import load_checkpoint
 from .config import LlamaConfig
-from .model import Llama, abstract_model, platform_compute_dtype
+from .fsutil import atomic_output_dir
+from .model import Llama, abstract_model, has_lora, platform_compute_dtype
 from .safetensors_io import SafetensorsFile, write_file
-from .tokenizer.atomic import use_default_mode
+from .sharding import named_sharding, to_host
+from .tokenizer.hf_files import write_hf_files
+from .tokenizer.sp_model import load_model_proto
 
 
 class CheckpointError(ValueError):
@@ -32,7 +35,7 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- name mapping
-def _hf_names(path: tuple[str, ...], cfg: LlamaConfig) -> list[str]:
+def hf_names(path: tuple[str, ...], cfg: LlamaConfig) -> list[str]:
     """HF tensor names for one of our parameters (one per layer for stacked parameters)."""
     leaf = {"kernel": "weight", "weight": "weight", "embedding": "weight"}[path[-1]]
     if path[0] == "layers":
@@ -122,8 +125,6 @@ def load(path: str | os.PathLike, dtype: Any = None, mesh=None, *, allow_pickle:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir() and (path / "llama_jax.json").exists():
-        from .checkpoint import load_checkpoint
-
         return load_checkpoint(path, dtype=dtype, mesh=mesh, **runtime)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -154,7 +155,7 @@ def load_weights(model: Llama, files: list[Path], mesh=None) -> Llama:
     used: set[str] = set()
     leaves = {}
     for path, var in base_params(model):
-        names = _hf_names(path, cfg)
+        names = hf_names(path, cfg)
         per_shape = var.get_value().shape[1:] if path[0] == "layers" else var.get_value().shape
         hf_shape = tuple(reversed(per_shape)) if _is_kernel(path) else tuple(per_shape)
         for n in names:
@@ -185,8 +186,6 @@ def _build_array(var, handles, names, path, mesh):
     stacked = path[0] == "layers"
     kernel = _is_kernel(path)
     if mesh is not None:
-        from .sharding import named_sharding
-
         sharding = named_sharding(mesh, var.axes, shape)
     else:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -205,14 +204,6 @@ def _build_array(var, handles, names, path, mesh):
 
 
 # ----------------------------------------------------------------------------- writing
-def _host(x) -> np.ndarray:
-    if not x.is_fully_addressable:  # multi-host: gather this tensor only
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def hf_tensors(model: Llama, dtype=None) -> list[tuple[str, tuple, np.dtype, Any]]:
     """(HF name, shape, dtype, producer) for every weight, in HF order, produced lazily."""
     cfg = model.config
@@ -220,13 +211,13 @@ def hf_tensors(model: Llama, dtype=None) -> list[tuple[str, tuple, np.dtype, Any
     for path, var in base_params(model):
         arr = var.get_value()
         dt = np.dtype(jnp.dtype(dtype or arr.dtype))
-        names = _hf_names(path, cfg)
+        names = hf_names(path, cfg)
         kernel = _is_kernel(path)
         per = arr.shape[1:] if path[0] == "layers" else arr.shape
         hf_shape = tuple(reversed(per)) if kernel else tuple(per)
         for i, n in enumerate(names):
             def produce(arr=arr, i=i, stacked=path[0] == "layers", kernel=kernel, dt=dt):
-                t = _host(arr[i] if stacked else arr)
+                t = to_host(arr[i] if stacked else arr)
                 return (t.T if kernel else t).astype(dt)
             out.append((n, hf_shape, dt, produce))
 
@@ -245,8 +236,6 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, tokenizer=None, *, dtype=N
     (sharded with model.safetensors.index.json when larger than max_shard_bytes), tokenizer files,
     `extra_files` (name -> bytes).  The directory appears only once complete (temporary directory,
     then rename)."""
-    from .model import has_lora
-
     if has_lora(model):
         raise ValueError("save_hf: the model has LoRA factors attached; merge them first "
                          "(llama_jax.lora.merge) or export the adapter with lora.save_peft")
@@ -291,9 +280,7 @@ def write_hf_dir(out_dir: str | os.PathLike, hf_cfg: dict, gen_cfg: dict, tensor
             size = 0
         shards[-1].append(t)
         size += nbytes
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, replace=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
         if len(shards) == 1:
@@ -312,11 +299,6 @@ def write_hf_dir(out_dir: str | os.PathLike, hf_cfg: dict, gen_cfg: dict, tensor
             save_tokenizer_files(tokenizer, tmp)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        use_default_mode(tmp, 0o777)  # mkdtemp makes it 0700; publish it as mkdir would
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -337,20 +319,7 @@ def save_tokenizer_files(tokenizer, out: Path) -> None:
         for f in found:
             shutil.copy2(f, out / f.name)
     elif src.suffix == ".model":
-        from .tokenizer.hf_files import write_hf_files
-        from .tokenizer.sp_model import load_model_proto
-
         shutil.copy2(src, out / "tokenizer.model")
         write_hf_files(load_model_proto(src), out)
     else:
         raise CheckpointError(f"{src}: not a tokenizer directory or tokenizer.model")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -21,7 +21,9 @@ Contract
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import lm_eval.api.model as lm_model
@@ -31,7 +33,15 @@ import lm_eval.api.registry as lm_registry
 import lm_eval.models  # noqa: F401
 from lm_eval import utils as lm_utils
 
-from .text import encode, prefix_token
+from .data.multiple_choice import CEVAL_SUBJECTS, CMMLU_SUBJECTS, FORMATS, LETTERS, BenchmarkSource, read_split
+from .fsutil import write_text_atomic
+from .generate import generate
+from .hf import load
+from .lora import load_peft, merge
+from .scoring import Scorer
+from .sharding import make_mesh
+from .text import encode, load_tokenizer, prefix_token
+from .tokenizer.corpus import default_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +58,6 @@ class LlamaJaxLM(lm_model.TemplateLM):
                  batch_size: int | str = 8, max_length: int | None = None, adapter: str | None = None,
                  max_gen_toks: int = 256, mesh: str | None = None, model=None, **kwargs):
         super().__init__()
-        import llama_jax
-        from .scoring import Scorer
-        from .sharding import make_mesh
-        from .text import load_tokenizer
-
         if kwargs:
             log.info("llama_jax lm-eval model: ignoring %s", sorted(kwargs))  # device, max_batch_size, ...
         if model is None:
@@ -62,10 +67,8 @@ class LlamaJaxLM(lm_model.TemplateLM):
             if mesh:
                 shape = {k: int(v) for k, v in (kv.split("=") for kv in str(mesh).split(";"))}
             self._mesh = make_mesh(shape)
-            model = llama_jax.load(pretrained, dtype=dtype, mesh=self._mesh)
+            model = load(pretrained, dtype=dtype, mesh=self._mesh)
             if adapter:
-                from .lora import load_peft, merge
-
                 merge(load_peft(model, adapter))
         else:
             self._mesh = getattr(model, "mesh", None)
@@ -123,7 +126,6 @@ class LlamaJaxLM(lm_model.TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        import llama_jax
         from tqdm.auto import tqdm
 
         out = []
@@ -140,7 +142,7 @@ class LlamaJaxLM(lm_model.TemplateLM):
             if not _as_bool(kw.pop("do_sample", temp > 0)):
                 temp = 0.0
             ids = self.tok_encode(context)[-(self.max_length - n_new):]
-            toks = llama_jax.generate(self.model, [ids], max_new_tokens=n_new, temperature=temp,
+            toks = generate(self.model, [ids], max_new_tokens=n_new, temperature=temp,
                                       top_k=int(kw.pop("top_k", 0) or 0), top_p=float(kw.pop("top_p", 1.0) or 1.0),
                                       seed=int(kw.pop("seed", 0) or 0), eos_ids=[self.eot_token_id])[0]
             text = self.tok_decode(toks)
@@ -159,15 +161,9 @@ def write_local_tasks(out_dir: str | Path, data_dir: str | Path | None = None) -
     The CSVs are rewritten as JSON Lines beside the YAMLs (read by `multiple_choice.read_questions`,
     the parser `llama-jax eval` uses): through the HF datasets csv builder pandas would turn an
     all-numeric option column into numbers ("0.50" -> 0.5), changing the prompt text."""
-    import json
-
     import yaml
 
-    from .data.multiple_choice import CEVAL_SUBJECTS, CMMLU_SUBJECTS, FORMATS, LETTERS, BenchmarkSource, read_split
-
     if data_dir is None:
-        from .tokenizer.corpus import default_data_dir
-
         data_dir = default_data_dir()
     bench = Path(data_dir) / "benchmarks"
     out = Path(out_dir).absolute()
@@ -217,10 +213,6 @@ def write_local_tasks(out_dir: str | Path, data_dir: str | Path | None = None) -
 
 
 def _local_tasks_dir() -> Path:
-    import os
-
-    from .tokenizer.corpus import default_data_dir
-
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama_jax" / "lm_eval_tasks"
     return write_local_tasks(root, default_data_dir())
 
@@ -245,10 +237,6 @@ def run_tasks(model: str, tasks: list[str], include_path: str | None = None, sho
                                   log_samples=True)
     res["table"] = make_table(res)
     if out:
-        import json
-
-        from .tokenizer.atomic import write_text_atomic
-
         keep = {k: v for k, v in res.items() if k in ("results", "groups", "configs", "n-shot", "samples", "table")}
         write_text_atomic(out, json.dumps(keep, ensure_ascii=False, indent=1, default=str) + "\n")
     return res

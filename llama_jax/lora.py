@@ -24,8 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -33,10 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .model import has_lora  # noqa: F401  (public here too)
-from .quant import dequantize_model, kernel_shape
+from .fsutil import atomic_output_dir
+from .hf import base_params, hf_names, save_hf
+from .model import Linear, has_lora  # noqa: F401  (has_lora: public here too)
+from .quant import dequantize_model, kernel_shape, quantize_model
 from .safetensors_io import SafetensorsFile, write_file
+from .sharding import named_sharding, to_host
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -77,8 +79,6 @@ class LoRA(nnx.Module):
 
 # ----------------------------------------------------------------------------- transform
 def _linears(model):
-    from .model import Linear
-
     return [(tuple(str(p) for p in path), m) for path, m in nnx.iter_modules(model) if isinstance(m, Linear)]
 
 
@@ -101,8 +101,6 @@ def _select(model, targets, modules) -> tuple[list, set]:
     '.t'; a module to save s matches every parameter inside a module whose name ends with s (plain
     string suffix, as PEFT's modules_to_save does: 'norm' also hits 'input_layernorm').  Stacked
     layers are all-or-none, so a name selecting only some layers is refused."""
-    from .hf import _hf_names, base_params
-
     cfg, used = model.config, set()
 
     def is_target(hf_param, t):
@@ -123,8 +121,8 @@ def _select(model, targets, modules) -> tuple[list, set]:
                              "(layers are all-or-none here)")
         return all(hits)
 
-    linears = [(p, m) for p, m in _linears(model) if pick(p, _hf_names(p + ("kernel",), cfg), targets, is_target)]
-    full = {p for p, _ in base_params(model) if pick(p, _hf_names(p, cfg), modules, is_saved)}
+    linears = [(p, m) for p, m in _linears(model) if pick(p, hf_names(p + ("kernel",), cfg), targets, is_target)]
+    full = {p for p, _ in base_params(model) if pick(p, hf_names(p, cfg), modules, is_saved)}
     for kind, names in (("LoRA targets", targets), ("trainable modules", modules)):
         unused = [n for n in names if n not in used]
         if unused:
@@ -190,16 +188,10 @@ def apply(model, *, rank: int, alpha: float, targets=ALL_TARGETS, dropout: float
         axes = tuple(lin.kernel.axes)
         a_axes, b_axes = axes[:-1] + ("lora_rank",), axes[:-2] + ("lora_rank", axes[-1])
         if abstract:
-            from .sharding import named_sharding
-
             if mesh is not None:
                 a = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=named_sharding(mesh, a_axes, a.shape))
                 b = jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=named_sharding(mesh, b_axes, b.shape))
         elif mesh is not None:
-            from jax.sharding import NamedSharding, PartitionSpec as P
-
-            from .sharding import named_sharding
-
             a = jax.device_put(a, named_sharding(mesh, a_axes, a.shape))  # straight from host to shards
             b = jax.device_put(b, named_sharding(mesh, b_axes, b.shape))
             if keys is not None:
@@ -216,9 +208,6 @@ def prepare_frozen(model, *, frozen_dtype=None, quantization: str | None = None,
     base needs no float32 master copy), parameters trained in full (modules_to_save) in float32,
     and with `quantization` (quant.FORMATS) every frozen Linear kernel stored quantized (QLoRA; the
     factors stay float32).  In place; returns the model."""
-    from .hf import base_params
-    from .quant import quantize_model
-
     cfg = lora_config(model)
     _, full = _select(model, cfg.targets, cfg.trainable_modules)
     fd = jnp.dtype(frozen_dtype or model.config.dtype)
@@ -320,15 +309,13 @@ def _peft_entries(model):
     """[(peft_key, path, layer|None, kind, per-layer PEFT shape)] for every adapter tensor.
     kind: 'A' (ours [in, r] <-> PEFT [r, in]), 'B' (ours [r, out] <-> [out, r]), 'kernel'
     (full Linear weight, transposed), 'plain' (embedding / norm, as is)."""
-    from .hf import _hf_names, base_params
-
     cfg = lora_config(model)
     _, full = _select(model, cfg.targets, cfg.trainable_modules)
     out = []
     for path, lin in _linears(model):
         if lin.lora is None:
             continue
-        names = _hf_names(path + ("kernel",), model.config)
+        names = hf_names(path + ("kernel",), model.config)
         a_shape, b_shape = lin.lora.a.get_value().shape, lin.lora.b.get_value().shape
         for letter, shape in (("A", a_shape), ("B", b_shape)):
             for i, n in enumerate(names):
@@ -338,7 +325,7 @@ def _peft_entries(model):
     for path, var in base_params(model):
         if path not in full:
             continue
-        names = _hf_names(path, model.config)
+        names = hf_names(path, model.config)
         per = var.get_value().shape[1:] if path[0] == "layers" else var.get_value().shape
         kind = "kernel" if path[-1] == "kernel" else "plain"
         shape = tuple(reversed(per)) if kind == "kernel" else tuple(per)
@@ -355,14 +342,12 @@ def _peft_base_entries(model, st):
     """PEFT also stores the base weight of LoRA-targeted embedding-like layers (lm_head) as
     '<module>.base_layer.weight' (save_embedding_layers) and loads it over the base model's, so
     we do the same when the file has one.  save_peft does not write these: the base is unchanged."""
-    from .hf import _hf_names
-
     out = []
     for path, lin in _linears(model):
         if lin.lora is None:
             continue
         per = lin.kernel.get_value().shape[-2:]
-        names = _hf_names(path + ("kernel",), model.config)
+        names = hf_names(path + ("kernel",), model.config)
         keys = [f"{_PEFT_PREFIX}{n[: -len('.weight')]}.base_layer.weight" for n in names]
         if any(k in st.header for k in keys):  # then all layers must be there: checked by the caller
             out += [(k, path + ("kernel",), i if path[0] == "layers" else None, "kernel", tuple(reversed(per)))
@@ -391,8 +376,6 @@ def save_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str
     base_tokenizer's files) and name its absolute path as base_model_name_or_path, so that
     `peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)` finds it: for runs whose base exists
     nowhere else (a randomly initialised preset)."""
-    from .hf import _host, _replace_dir, save_hf
-
     if base_model is not None:
         base_model_name_or_path = str((Path(out_dir) / PEFT_BASE_DIR).absolute())
 
@@ -405,7 +388,7 @@ def save_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str
         arr = _var(model, path).get_value()
 
         def produce(arr=arr, layer=layer, kind=kind):
-            return _to_peft(_host(arr[layer] if layer is not None else arr), kind)
+            return _to_peft(to_host(arr[layer] if layer is not None else arr), kind)
 
         tensors.append((key, shape, np.dtype(arr.dtype), produce))
     adapter_cfg = {
@@ -440,19 +423,13 @@ def save_peft(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str
             save_hf(base_model, Path(out_dir) / PEFT_BASE_DIR)
         return Path(out_dir)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, replace=True) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2) + "\n")
         write_file(tmp / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
         if base_model is not None:
             save_hf(base_model, tmp / PEFT_BASE_DIR, tokenizer=base_tokenizer)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

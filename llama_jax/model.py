@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from .attention import attend
 from .config import LlamaConfig
 from .quant import dequantize
-from .sharding import constrain
+from .sharding import constrain, state_shardings
 
 
 def _dt(name):
@@ -405,8 +405,6 @@ def init_model(cfg: LlamaConfig, seed: int = 0, head: str = "lm", mesh=None) -> 
     """A randomly initialised model; with a mesh, parameters are created already sharded."""
     if mesh is None:
         return Llama(cfg, rngs=nnx.Rngs(seed), head=head)
-    from .sharding import state_shardings
-
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed), head=head, mesh=mesh))
     graphdef, abs_state = nnx.split(abstract)
     shardings = state_shardings(abs_state, mesh)

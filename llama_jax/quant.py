@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .sharding import named_sharding
+
 FORMATS = ("int8", "int4", "nf4")
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -133,8 +135,6 @@ def kernel_shape(lin) -> tuple:
 def quantize_model(model, fmt: str, tile: int = 64, skip=()):
     """Quantize every Linear's kernel in place except those at the paths in `skip` (module paths,
     e.g. ('lm_head',)) and those already quantized; returns the model."""
-    from .sharding import named_sharding
-
     mesh = getattr(model, "mesh", None)
     for path, lin in _linears(model):
         if path in skip or lin.quant is not None:
@@ -170,8 +170,6 @@ def dequantize_model(model, dtype=None):
         codes = lin.kernel.get_value()
         w = _dequantize_jit(codes, lin.kernel_scale.get_value(), lin.quant, dtype)
         if getattr(model, "mesh", None) is not None:
-            from .sharding import named_sharding
-
             w = jax.device_put(w, named_sharding(model.mesh, axes, w.shape))
         lin.kernel = nnx.Param(w, axes=axes)
         del lin.kernel_scale

@@ -36,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .model import Cache
+from .sharding import named_sharding
+
 LN2 = math.log(2.0)
 
 
@@ -113,8 +116,6 @@ def _broadcast_cache(cache, rows: int):
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _prefix_cache(graphdef, state, prefix, length):
     """prefix [1, P] (left-padded: id -1 = empty) -> a one-row Cache of `length` columns holding it."""
-    from .model import Cache
-
     model = _inference(graphdef, state)
     real = prefix >= 0
     cache = Cache.init(model.config, 1, length)
@@ -191,8 +192,6 @@ class Scorer:
     def _put(self, x):
         if self.mesh is None:
             return jnp.asarray(x)
-        from .sharding import named_sharding
-
         return jax.device_put(x, named_sharding(self.mesh, ("batch", "length")[:x.ndim], x.shape))
 
     def _batches(self, lengths: Sequence[int]):

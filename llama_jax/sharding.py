@@ -145,6 +145,16 @@ def constrain(x, axes: Sequence[str | None], mesh: Mesh | None, rules: Mapping[s
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, axes, x.shape, rules))
 
 
+def to_host(x) -> np.ndarray:
+    """A jax.Array as one host numpy array; multi-host, the array is all-gathered first (every
+    process must call this for the same arrays, in the same order)."""
+    if not x.is_fully_addressable:  # multi-host: gather this tensor only
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, cpu_collectives: bool = False) -> None:
     """Multi-host setup.  On TPU VMs and SLURM/Kubernetes GPU clusters jax finds everything itself

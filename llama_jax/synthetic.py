@@ -17,6 +17,10 @@ import random
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
+from .text import load_tokenizer
+
 DIGITS = "零一二三四五六七八九"
 YEAR_DIGITS = "〇一二三四五六七八九"
 UNITS = ["", "十", "百", "千"]
@@ -188,10 +192,6 @@ def exact_match_reward(tokenizer: str):
     """A PPO reward function (ppo.reward_fn = "llama_jax.synthetic:exact_match_reward",
     ppo.reward_fn_args = {tokenizer: DIR}): 1 when the decoded response is exactly the answer to
     the question in the decoded prompt, else 0 (no EOS: ppo.missing_eos_score applies)."""
-    import numpy as np
-
-    from .text import load_tokenizer
-
     tok = load_tokenizer(tokenizer)
 
     def reward(prompt_ids, response_ids, mask):

@@ -2,7 +2,7 @@
 import numpy as np
 
 import llama_jax
-from llama_jax.chat import ChatSession
+from llama_jax.chat_cli import ChatSession
 from llama_jax.text import load_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Embedding / lm_head resize to a merged tokenizer (llama_jax.resize, `llama-jax resize`).
+"""Embedding / lm_head resize to a merged tokenizer (llama_jax.vocab_resize, `llama-jax resize`).
 
 A tiny Chinese BPE is trained on a slice of the CLUE sample and merged into LLaMA-2's tokenizer
 (pad + multiple of 64); a tiny vocab-32000 Llama saved with LLaMA-2's tokenizer is resized.
@@ -20,7 +20,7 @@ import llama_jax
 from hf_ref import hf_logits, hf_model
 from llama_jax.cli import main
 from llama_jax.hf import save_tokenizer_files
-from llama_jax.resize import NotAnExtensionError, resize_embeddings
+from llama_jax.vocab_resize import NotAnExtensionError, resize_embeddings
 from llama_jax.sharding import make_mesh, named_sharding
 from llama_jax.tokenizer import MergeOptions, load_model_proto, merge_tokenizers, train_bpe
 from llama_jax.tokenizer.sp_model import CONTROL, NORMAL, USER_DEFINED, WHITESPACE, ModelProto

@@ -15,7 +15,7 @@ from llama_jax.tokenizer import (
     merge_model_protos,
     plan_repair,
 )
-from llama_jax.tokenizer.atomic import atomic_output_dir
+from llama_jax.fsutil import atomic_output_dir
 from llama_jax.tokenizer.chinese import has_chinese, is_chinese_char
 from llama_jax.tokenizer.hf_files import UnsupportedNormalizerError, build_hf_tokenizer
 from llama_jax.tokenizer.merge import _descending_float32_scores, read_word_list

@@ -24,6 +24,7 @@ from flax import nnx
 
 from ..generate import SamplingParams, decoder, prefill
 from ..model import Cache
+from ..sharding import named_sharding
 from . import ppo_math
 
 
@@ -33,19 +34,22 @@ def init_cache(cfg, batch: int, length: int, mesh=None) -> Cache:
     whole rollout batch does not fit on one device)."""
     if mesh is None:
         return Cache.init(cfg, batch, length)
-    return _cache_maker(cfg, batch, length, mesh)()
+    return cache_maker(cfg, batch, length, mesh)()
 
 
 @functools.lru_cache(maxsize=8)
-def _cache_maker(cfg, batch: int, length: int, mesh):
-    """One jitted cache constructor per shape (a fresh lambda every rollout would recompile)."""
-    from ..sharding import named_sharding
-
+def cache_maker(cfg, batch: int, length: int, mesh):
+    """A jitted zero-argument function returning an empty KV cache sharded over `mesh` (batch over
+    the data axes); one per (cfg, batch, length, mesh), cached, since a fresh lambda every rollout
+    would recompile."""
     kv = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
     kv_sh = (named_sharding(mesh, Cache.layer_axes(), kv),) * cfg.num_hidden_layers
     slot_sh = named_sharding(mesh, ("batch", "cache_length"), (batch, length))
     out = Cache(kv_sh, kv_sh, slot_sh, slot_sh, named_sharding(mesh, (), ()))
     return jax.jit(lambda: Cache.init(cfg, batch, length), out_shardings=out)
+
+
+_cache_maker = cache_maker  # transitional: plan.py still imports the old name; remove with that import
 
 
 def sample_responses(graphdef, state, cfg, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,

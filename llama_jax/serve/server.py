@@ -9,6 +9,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import lora
+from ..hf import load
+from ..sharding import make_mesh, parse_mesh
+from ..data.templates import get_template, resolve_template
+from ..text import load_tokenizer
+from .engine import Engine, EngineConfig
+
 log = logging.getLogger("llama_jax.serve")
 
 
@@ -35,10 +42,7 @@ class ServeConfig:
 def load_inference_model(path, dtype=None, adapter=None, mesh=None):
     """llama_jax.load(path) (on `mesh` if given), with a PEFT LoRA adapter loaded and merged into
     the weights."""
-    import llama_jax
-    from .. import lora
-
-    model = llama_jax.load(path, dtype=dtype, mesh=mesh)
+    model = load(path, dtype=dtype, mesh=mesh)
     if adapter:
         lora.load_peft(model, adapter)
         model = lora.merge(model)
@@ -47,16 +51,11 @@ def load_inference_model(path, dtype=None, adapter=None, mesh=None):
 
 def build(cfg: ServeConfig, say=print):
     """(app, engine) ready to serve: the engine's scheduler is started (compiled)."""
-    from ..data.templates import get_template, resolve_template
-    from ..text import load_tokenizer
-    from .api import create_app
-    from .engine import Engine, EngineConfig
+    from .api import create_app  # imported on use: fastapi (load_inference_model works without it)
 
     t0 = time.perf_counter()
     mesh = None
     if cfg.mesh:
-        from ..sharding import make_mesh
-
         mesh = make_mesh(cfg.mesh)
         say(f"serve: weights sharded over mesh {dict(mesh.shape)}")
     model = load_inference_model(cfg.model, cfg.dtype, cfg.adapter, mesh)
@@ -82,9 +81,7 @@ def build(cfg: ServeConfig, say=print):
 
 
 def run_serve(args) -> int:
-    import uvicorn
-
-    from ..sharding import parse_mesh
+    import uvicorn  # optional serving dependency, needed only to run the server
 
     cfg = ServeConfig(model=args.model, adapter=args.adapter, tokenizer=args.tokenizer, host=args.host,
                       port=args.port, max_batch=args.max_batch, max_length=args.max_length, max_queue=args.max_queue,

@@ -13,7 +13,7 @@ from .dead_pieces import find_dead_pieces, find_unreachable_pieces, plan_repair
 from .hf_files import build_hf_tokenizer, write_hf_files
 from .merge import MergeOptions, MergeResult, merge_model_protos, merge_tokenizers
 from .report import TokenizerReport, format_report, tokenizer_report
-from .resize import init_new_rows
+from .new_rows import init_new_rows
 from .sp_model import NotSentencePieceBPEError, TokenizerFormatError, load_model_proto
 from .train import TrainOptions, TrainResult, train_bpe
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
-from .atomic import write_text_atomic
+from ..fsutil import write_text_atomic
 from .sp_model import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, WHITESPACE, ModelProto
 
 # Settings of an HF tokenizer_config.json of the base directory worth keeping.

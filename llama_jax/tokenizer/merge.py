@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output_dir, write_bytes_atomic
+from ..fsutil import atomic_output_dir, write_bytes_atomic
 from .chinese import has_chinese
 from .dead_pieces import find_unreachable_pieces, plan_repair
+from .hf_files import UnsupportedNormalizerError, write_hf_files
 from .sp_model import (
     BYTE,
     CONTROL,
@@ -248,8 +249,6 @@ def merge_tokenizers(
     sentencepiece BPE model (NotSentencePieceBPEError / TokenizerFormatError otherwise,
     and nothing is written).
     """
-    from .hf_files import UnsupportedNormalizerError, write_hf_files
-
     options = options or MergeOptions()
     base_proto = load_bpe_model_proto(base)
     add_proto = load_model_proto(add)

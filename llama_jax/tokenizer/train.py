@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .atomic import write_bytes_atomic
+from ..fsutil import write_bytes_atomic
 from .corpus import CorpusStats, iter_dataset_texts, iter_lines_of_files
 from .sp_model import ModelProto
 

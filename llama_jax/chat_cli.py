@@ -8,7 +8,6 @@ max_length is refused.
 """
 from __future__ import annotations
 
-
 import dataclasses
 import sys
 
@@ -19,8 +18,11 @@ from flax import nnx
 
 from .data.records import Conversation
 from .data.templates import get_template, resolve_template
-from .generate import SamplingParams, _TextStreamer, decoder, prefill
+from .generate import SamplingParams, TextStreamer, decoder, prefill
+from .hf import load
 from .model import Cache
+from .quant import quantize_model
+from .text import load_tokenizer
 
 PAD_MULTIPLE = 16  # new-turn lengths are padded to few shapes, so turns rarely recompile
 
@@ -33,7 +35,7 @@ class ChatSession:
         self.max_length = int(max_length or model.config.max_position_embeddings)
         self.graphdef, self.state = nnx.split(model)
         self.eos = model.config.eos_token_ids or (tokenizer.eos_token_id,)
-        self.streamer = _TextStreamer(tokenizer) if stream else None  # one object: no recompile per turn
+        self.streamer = TextStreamer(tokenizer) if stream else None  # one object: no recompile per turn
         self.rng = jax.random.key(seed)
         self.capped_said = False
         self.reset()
@@ -130,13 +132,8 @@ class ChatSession:
 
 
 def run_chat(args) -> int:
-    import llama_jax
-    from .text import load_tokenizer
-
-    model = llama_jax.load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype)
     if getattr(args, "quantization", None):  # weight-only quantized Linear kernels (llama_jax.quant)
-        from .quant import quantize_model
-
         quantize_model(model, args.quantization)
     tok = load_tokenizer(args.tokenizer or args.model)
     template, source = resolve_template(args.template, args.model, tokenizer=tok)
