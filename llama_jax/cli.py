@@ -72,12 +72,24 @@ def _cmd_plan(args) -> int:
     return cmd_plan(args)
 
 
+# command -> (module under llama_jax.stages, its config class)
+STAGES = {"pretrain": ("pretrain", "PretrainConfig"), "sft": ("sft", "SFTConfig"), "dpo": ("dpo", "DPOConfig"),
+          "rm": ("reward", "RMConfig"), "ppo": ("ppo", "PPOConfig"), "grpo": ("grpo", "GRPOConfig")}
+
+
 def _cmd_stage(name):
     def run(args) -> int:
-        import importlib
+        import importlib  # a stage's module loads on use: `llama-jax --help` does not import jax
 
-        mod = importlib.import_module(f"llama_jax.stages.{name}")
-        result = mod.run(args.config, args.out, args.overrides)
+        from .train.config import format_config, load_config
+
+        mod_name, cls_name = STAGES[name]
+        mod = importlib.import_module(f"llama_jax.stages.{mod_name}")
+        cfg = load_config(getattr(mod, cls_name), args.config, args.overrides)
+        if args.print_config:
+            print(format_config(cfg))
+            return 0
+        result = mod.run_config(cfg, args.out)
         print(f"{name}: done; run directory {result['run_dir']}")
         return 0
     return run
@@ -112,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML run config (see configs/)")
         p.add_argument("--out", default=None, help="run directory (rerunning the same command resumes)")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (every option, its value and what it does) and exit")
         p.set_defaults(func=_cmd_stage(name))
 
     pl = sub.add_parser("plan", help="ahead-of-time TPU memory / FLOPs plan of a stage's real training step")
@@ -153,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None)
     c.add_argument("--quantization", choices=("int8", "int4", "nf4"), default=None,
                    help="weight-only quantized Linear kernels (dequantised in the matmul)")
-    c.set_defaults(func=lambda a: __import__("llama_jax.chat", fromlist=["run_chat"]).run_chat(a))
+    c.set_defaults(func=lambda a: __import__("llama_jax.chat_cli", fromlist=["run_chat"]).run_chat(a))
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (docs/serve.md)")
     sv.add_argument("--model", required=True, help="HF dir or llama_jax checkpoint")
@@ -198,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     def _cmd_resize(args) -> int:
-        from .resize import cmd_resize  # imported on use: keeps `llama-jax --help` light
+        from .vocab_resize import cmd_resize  # imported on use: keeps `llama-jax --help` light
 
         return cmd_resize(args)
 
@@ -272,8 +286,10 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as e:
-        # our loaders raise these with the file / record / field named: show them without a traceback
-        if isinstance(e, (ValueError, FileNotFoundError, KeyError)) or type(e).__name__ == "TrainingError":
+        # our loaders raise these (ValueError subclasses: ConfigError, DataError, CheckpointError, ...)
+        # with the file / record / field named: show them without a traceback.  Anything else (a
+        # KeyError, a TypeError, ...) is a bug and keeps its traceback.
+        if isinstance(e, (ValueError, FileNotFoundError)) or type(e).__name__ in ("TrainingError", "PlanError"):
             print(f"llama-jax {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -233,5 +233,5 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str, **overrides) -> LlamaConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        raise UnsupportedConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return LlamaConfig(**{**PRESETS[name], **overrides})

@@ -313,7 +313,7 @@ def rm_scores(rm, tok, prompts: list[str], replies: list[str]):
 
     from .data.records import ASSISTANT, USER, Conversation
     from .data.templates import get_template
-    from .stages.reward import last_token_scores
+    from .rl.reward_model import last_token_scores
 
     tpl = get_template(TEMPLATE)
     seqs = []

@@ -35,7 +35,7 @@ import yaml
 
 from .demo import TEMPLATE, Report, answers, count_tokens, rm_scores
 from .plots import read_metrics
-from .tokenizer.atomic import write_text_atomic
+from .fsutil import write_text_atomic
 
 # A base below this many parameters is trained in full in continued pretraining (stories260K:
 # 0.26M); larger bases train LoRA factors + embed_tokens / lm_head (Chinese-LLaMA-2's recipe).
@@ -315,14 +315,14 @@ def tokenizer_stage(out: Path, data: RealData, base_tok: Path, n: RealSizes) -> 
 def resize_stage(base_dir: Path, base_tok: Path, tok_dir: Path, dest: Path) -> dict:
     import llama_jax
 
-    from .resize import resize_embeddings
+    from .vocab_resize import resize_embeddings
 
     model = llama_jax.load(base_dir)
     old = model.config.vocab_size
     new = resize_embeddings(model, tok_dir / "tokenizer.model", base_tok)
     llama_jax.save_hf(new, dest, tokenizer=tok_dir)
     return {"vocab_before": old, "vocab_after": new.config.vocab_size, "pad_token_id": new.config.pad_token_id,
-            "init": "sub-piece mean (llama_jax.resize.resize_embeddings)"}
+            "init": "sub-piece mean (llama_jax.vocab_resize.resize_embeddings)"}
 
 
 def bpc(model_dir: Path, tok: Path, files: dict[str, Path], max_length: int) -> dict:

@@ -250,6 +250,15 @@ def with_dropout_step(state, n):
 
 
 # ----------------------------------------------------------------------------- training helpers
+def lora_off(state):
+    """`state` (an nnx State) with every LoRA update zeroed: the B factors replaced by zeros (A then
+    does not matter).  The frozen weights are not copied, so this is the reference policy of a
+    LoRA run for free (DPO, PPO, GRPO).  Traceable: use inside jit."""
+    flat = [(p, v.replace(jnp.zeros_like(v.get_value())) if isinstance(v, nnx.LoRAParam) and str(p[-1]) == "b" else v)
+            for p, v in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(flat)
+
+
 def trainable_filter(model):
     """nnx filter for exactly what trains: LoRA factors + full params of `trainable_modules`."""
     cfg = lora_config(model)

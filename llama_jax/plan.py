@@ -35,7 +35,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from .sharding import parse_mesh
+
+from .config import PRESETS, preset
+from .generate import SamplingParams, decode, prefill
+from .model import abstract_model
+from .rl.rollout import cache_maker
+from .sharding import batch_sharding, make_mesh, parse_mesh, state_shardings
+from .stages import ppo, pretrain, sft
+from .stages.common import flops_per_token
+from .stages.ppo import PPOTrainer, critic_lora
+from .train.config import RunConfig, load_config
+from .train.loop import build_train_step
+from .train.optim import count_params, on_mesh
+from .train.run import trainable_filter
 
 GIB = 1024 ** 3
 REPO = Path(__file__).resolve().parents[1]
@@ -58,12 +70,12 @@ SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128:
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8"}
 
-# stage -> (module under llama_jax.stages, config file in CONFIG_DIR)
+# stage -> (its module under llama_jax.stages, its config class, config file in CONFIG_DIR)
 STAGES = {
-    "pretrain-full": ("pretrain", "pretrain-full.yaml"),
-    "pretrain-lora": ("pretrain", "pretrain-lora.yaml"),
-    "sft-lora": ("sft", "sft-lora.yaml"),
-    "ppo": ("ppo", "ppo.yaml"),
+    "pretrain-full": (pretrain, pretrain.PretrainConfig, "pretrain-full.yaml"),
+    "pretrain-lora": (pretrain, pretrain.PretrainConfig, "pretrain-lora.yaml"),
+    "sft-lora": (sft, sft.SFTConfig, "sft-lora.yaml"),
+    "ppo": (ppo, ppo.PPOConfig, "ppo.yaml"),
 }
 # Chinese-LLaMA-2's merged vocabulary (LLaMA-2's 32,000 + Chinese pieces): the models these
 # stages train have been resized to it (llama-jax resize).
@@ -117,7 +129,7 @@ def get_topology(spec: str) -> Topology:
     if spec == "cpu":
         return Topology("cpu", "cpu", None, list(jax.devices("cpu")), None, None)
     gen, topo, name = parse_topology(spec)
-    try:
+    try:  # kept local and guarded: a jax build without it still plans for cpu
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover
         raise PlanError(f"jax.experimental.topologies: {e}") from None
@@ -153,8 +165,6 @@ def with_shardings(model, mesh):
     """Give every leaf of an abstract model a ShapeDtypeStruct with the sharding a concrete model on
     `mesh` gets (by its logical axes, as init_model / load place them); leaves that already carry a
     sharding keep it, small concrete leaves (RNG keys) become replicated ShapeDtypeStructs."""
-    from .sharding import state_shardings
-
     graphdef, state = nnx.split(model)
     shs = state_shardings(state, mesh)
 
@@ -167,42 +177,30 @@ def with_shardings(model, mesh):
 
 
 def _sds(tree, mesh):
-    """Leaves -> ShapeDtypeStructs with the shardings the trainers place them on (train.loop.on_mesh)."""
-    from .train.loop import on_mesh
-
+    """Leaves -> ShapeDtypeStructs with the shardings the trainers place them on (train.optim.on_mesh)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_mesh(x, mesh)), tree)
 
 
-def abstract_stage_model(cfg, mesh, head: str = "lm"):
+def abstract_stage_model(cfg: RunConfig, mesh, head: str = "lm"):
     """The stage's model, abstract: preset + the config's runtime options (dtype, remat, ...)."""
-    from .config import PRESETS, preset
-    from .model import abstract_model
-
-    mc = cfg["model"]
-    if mc["init"] not in PRESETS:
-        raise PlanError(f"model {mc['init']!r}: the planner takes a preset ({', '.join(PRESETS)})")
-    runtime = dict(dtype=mc["dtype"], param_dtype=mc["param_dtype"], remat=mc["remat"],
-                   scan_layers=mc["scan_layers"], attention_impl=mc["attention_impl"])
-    c = preset(mc["init"], **dict(mc.get("overrides") or {}), **runtime)
+    mc = cfg.model
+    if mc.init not in PRESETS:
+        raise PlanError(f"model {mc.init!r}: the planner takes a preset ({', '.join(PRESETS)})")
+    runtime = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat, scan_layers=mc.scan_layers,
+                   attention_impl=mc.attention_impl)
+    c = preset(mc.init, **mc.overrides, **runtime)
     return with_shardings(abstract_model(c, head=head, mesh=mesh), mesh)
 
 
 def stage_config(stage: str, model: str, *, vocab_size: int | None = DEFAULT_VOCAB, config: str | None = None,
-                 overrides=()) -> dict:
+                 overrides=()) -> RunConfig:
     """The stage's real run config (configs/chinese-llama2-7b/<stage>.yaml) with model.init = `model`."""
-    import importlib
-
-    from .train.config import load_config
-
     if stage not in STAGES:
         raise PlanError(f"--stage {stage!r}: one of {', '.join(STAGES)}")
-    mod_name, fname = STAGES[stage]
-    mod = importlib.import_module(f"llama_jax.stages.{mod_name}")
+    _, cls, fname = STAGES[stage]
     path = Path(config) if config else CONFIG_DIR / fname
     over = [f"model.init={model}"] + ([f"model.overrides.vocab_size={vocab_size}"] if vocab_size else [])
-    cfg = load_config(mod.DEFAULTS, path, over + list(overrides))
-    cfg["_stage"] = stage
-    return cfg
+    return load_config(cls, path, over + list(overrides))
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -299,7 +297,7 @@ class Plan:
     mesh: dict
     batch: int
     seq: int
-    cfg: dict
+    cfg: RunConfig
     functions: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
@@ -323,26 +321,23 @@ class Plan:
         t = self.topology
         return {"stage": self.stage, "model": self.model, "topology": t.name, "topology_shape": t.topology,
                 "chips": t.chips, "hbm_bytes_per_chip": t.hbm_bytes, "usable_hbm_bytes_per_chip": t.usable_hbm_bytes,
-                "mesh": self.mesh, "batch": self.batch, "seq": self.seq, "remat": self.cfg["model"]["remat"],
-                "dtype": self.cfg["model"]["dtype"], "param_dtype": self.cfg["model"]["param_dtype"],
-                "attention_impl": self.cfg["model"]["attention_impl"],
-                "quantization": self.cfg["model"].get("quantization"),
-                "grad_accum": self.cfg["train"]["grad_accum"],
+                "mesh": self.mesh, "batch": self.batch, "seq": self.seq, "remat": self.cfg.model.remat,
+                "dtype": self.cfg.model.dtype, "param_dtype": self.cfg.model.param_dtype,
+                "attention_impl": self.cfg.model.attention_impl, "quantization": self.cfg.model.quantization,
+                "grad_accum": self.cfg.train.grad_accum,
                 "peak_bytes_per_chip": self.peak, "fits": self.fits, **self.info,
                 "functions": [f.to_dict() for f in self.functions]}
 
 
-def _mesh(cfg, topo: Topology, mesh_override: dict | None):
-    from .sharding import make_mesh
-
-    shape = dict(mesh_override) if mesh_override else dict(cfg["mesh"])
+def _mesh(cfg: RunConfig, topo: Topology, mesh_override: dict | None):
+    shape = dict(mesh_override) if mesh_override else cfg.mesh.to_dict()
     mesh = make_mesh(shape, devices=topo.devices)
     return mesh, {k: int(v) for k, v in mesh.shape.items()}
 
 
 def plan(stage: str, model: str, topology: Topology | str, *, batch: int | None = None, seq: int | None = None,
          mesh: dict | None = None, vocab_size: int | None = DEFAULT_VOCAB, config: str | None = None,
-         overrides=(), cfg: dict | None = None) -> Plan:
+         overrides=(), cfg: RunConfig | None = None) -> Plan:
     """Lower and compile the stage's jitted step(s) for `topology`; returns the measured Plan."""
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
     cfg = cfg or stage_config(stage, model, vocab_size=vocab_size, config=config, overrides=overrides)
@@ -353,22 +348,15 @@ def plan(stage: str, model: str, topology: Topology | str, *, batch: int | None 
 
 
 def _plan_train(stage, cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
-    import importlib
-
-    from .stages.common import flops_per_token
-    from .stages.lora_setup import maybe_apply_lora
-    from .train.loop import build_train_step
-    from .train.optim import count_params
-
-    mod = importlib.import_module(f"llama_jax.stages.{STAGES[stage][0]}")
-    tc = cfg["train"]
-    B = int(batch or tc["batch_size"])
+    mod = STAGES[stage][0]
+    tc = cfg.train
+    B = int(batch or tc.batch_size)
     dp = mesh_shape["data"] * mesh_shape["fsdp"]
-    accum = int(tc["grad_accum"])
+    accum = tc.grad_accum
     if B % (accum * dp):
         raise PlanError(f"batch {B} must be a multiple of grad_accum {accum} x data-parallel size {dp}")
     m = abstract_stage_model(cfg, mesh)
-    trainable = maybe_apply_lora(cfg, m)
+    trainable = trainable_filter(cfg, m)
     # the trainer's step, built by the function train() calls
     ts, params, frozen = build_train_step(mod.make_loss(cfg), m, tc, mesh, trainable)
     rows = mod.batch_spec(cfg, B, seq)
@@ -378,32 +366,27 @@ def _plan_train(stage, cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
     p.functions.append(compile_one("train_step", lambda: ts.step.lower(*args)))
     c = m.config
     p.info = {"vocab_size": c.vocab_size, "trainable_params": count_params(params), "total_params": c.num_params(),
-              "model_flops_per_step": flops_per_token(c, T) * B * T, "lora": bool(cfg["lora"]["enabled"]),
+              "model_flops_per_step": flops_per_token(c, T) * B * T, "lora": cfg.lora.enabled,
               "state_bytes_per_chip": chip_bytes(args[0]), "frozen_bytes_per_chip": chip_bytes(args[1])}
     return p
 
 
 def _plan_ppo(cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
     """PPO's jitted pieces in the order one iteration runs them, each fed the previous one's outputs."""
-    from .generate import SamplingParams, decode, prefill
-    from .rl.rollout import _cache_maker
-    from .stages.ppo import PPOTrainer, critic_lora
-    from .train.loop import _batch_sharding
-
-    pc, tc = cfg["ppo"], cfg["train"]
+    pc, tc = cfg.ppo, cfg.train
     if batch:
-        cfg = {**cfg, "train": {**tc, "batch_size": int(batch)}}
-    P_len = int(seq or cfg["data"]["max_prompt_length"])
+        cfg = cfg.replace(train=tc.replace(batch_size=int(batch)))
+    P_len = int(seq or cfg.data.max_prompt_length)
     dp = mesh_shape["data"] * mesh_shape["fsdp"]
-    B, M = int(cfg["train"]["batch_size"]), int(pc["minibatches"])
+    B, M = cfg.train.batch_size, pc.minibatches
     if B % M or (B // M) % dp:
         raise PlanError(f"PPO batch {B}: ppo.minibatches {M} must divide it into minibatches that are a "
                         f"multiple of the data-parallel size {dp}")
     policy = abstract_stage_model(cfg, mesh)
-    rm = abstract_stage_model(cfg, mesh, head="score") if pc["reward_model"] else None
+    rm = abstract_stage_model(cfg, mesh, head="score") if pc.reward_model else None
     critic = abstract_stage_model(cfg, mesh, head="score")
-    critic_src = pc["value_model"] or pc["reward_model"]
-    shared = bool(critic_src and critic_lora(cfg) and critic_src == pc["reward_model"])  # critic base = RM's buffers
+    critic_src = pc.value_model or pc.reward_model
+    shared = bool(critic_src and critic_lora(cfg) and critic_src == pc.reward_model)  # critic base = RM's buffers
     tr = PPOTrainer.abstract(cfg, mesh, policy, critic, rm, P_len)
     st = tr.abstract_state()
     pol_frz, crit_frz = _sds(tr.policy_frozen, mesh), _sds(tr.critic_frozen, mesh)
@@ -419,13 +402,13 @@ def _plan_ppo(cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
     resident = sum(groups.values())
     policy_bytes = chip_bytes(st["params"]) + groups["policy_frozen"]
 
-    ids_sh = _batch_sharding(mesh, 2, False)
+    ids_sh = batch_sharding(mesh, 2)
     ids = jax.ShapeDtypeStruct((B, Pn), jnp.int32, sharding=ids_sh)
     mask = jax.ShapeDtypeStruct((B, Pn), jnp.int32, sharding=ids_sh)
     rng = jax.eval_shape(lambda: jax.random.key(0))
     # rollout: rl.rollout.sample_responses = cache init, prefill, decode (each its own jit)
     state = nnx.merge_state(st["params"], pol_frz)
-    maker = _cache_maker(tr.config, B, Pn + N, mesh)
+    maker = cache_maker(tr.config, B, Pn + N, mesh)
     lw_cache = maker.lower()
     cache = _outputs(lw_cache, lw_cache.compile())
     lw = {}
@@ -441,7 +424,7 @@ def _plan_ppo(cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
     f_pre.resident_extra = resident - policy_bytes
     logits, cache2 = _outputs(lw["prefill"], f_pre.compiled)
     positions = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=NamedSharding(mesh, P(*ids_sh.spec[:1])))
-    sp = SamplingParams(N, float(pc["temperature"]), 0, 1.0)
+    sp = SamplingParams(N, pc.temperature, 0, 1.0)
     f_dec = compile_one("rollout_decode", lambda: low("decode", decode, tr.policy_graphdef, state, cache2, logits,
                                                       positions, rng, sp, tuple(tr.eos_ids), int(tr.pad_id), None))
     p.functions.append(f_dec)
@@ -474,18 +457,15 @@ def _plan_ppo(cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
 
 
 def _ppo_info(p, tr, cfg, groups, resident):
-    from .stages.common import flops_per_token
-    from .stages.ppo import critic_lora
-
     c, B, Pn, N = tr.config, tr.B, tr.P, tr.N
-    pc = cfg["ppo"]
+    pc = cfg.ppo
     fpt = flops_per_token(c, Pn + N) / 3.0  # forward only: 2 N + attention
-    E = int(pc["epochs"])
+    E = pc.epochs
     # rollout: prefill + N decode steps (forward); experience: policy, reference, critic (+ RM)
     # forward passes over P + N; update: E epochs of forward + backward of policy and critic
     n_fwd = 3 + (1 if tr.rm_graphdef is not None else 0)
-    p.info = {"vocab_size": c.vocab_size, "prompt_length": Pn, "max_new_tokens": N, "minibatches": int(pc["minibatches"]), "epochs": E,
-              "lora": bool(cfg["lora"]["enabled"]), "critic_lora": critic_lora(cfg),
+    p.info = {"vocab_size": c.vocab_size, "prompt_length": Pn, "max_new_tokens": N, "minibatches": pc.minibatches, "epochs": E,
+              "lora": cfg.lora.enabled, "critic_lora": critic_lora(cfg),
               "policy_trainable_params": tr.n_policy_params, "critic_trainable_params": tr.n_critic_params,
               "total_params": c.num_params(), "resident_bytes_per_chip": resident,
               "resident_groups_bytes_per_chip": groups,
@@ -525,11 +505,11 @@ def find_largest(fits: Callable[[int], bool], multiple: int, limit: int = 1 << 1
     return lo * multiple, tried
 
 
-def batch_multiple(stage: str, cfg: dict, mesh_shape: dict) -> int:
+def batch_multiple(stage: str, cfg: RunConfig, mesh_shape: dict) -> int:
     dp = mesh_shape["data"] * mesh_shape["fsdp"]
     if stage == "ppo":
-        return int(cfg["ppo"]["minibatches"]) * dp
-    return int(cfg["train"]["grad_accum"]) * dp
+        return cfg.ppo.minibatches * dp
+    return cfg.train.grad_accum * dp
 
 
 def find_batch(stage, model, topology, **kw) -> tuple[Plan | None, int, list]:
@@ -559,18 +539,17 @@ def _gib(b) -> str:
 def format_plan(p: Plan) -> str:
     t = p.topology
     mesh = ", ".join(f"{k}={v}" for k, v in p.mesh.items())
-    mc = p.cfg["model"]
+    mc, lc, accum = p.cfg.model, p.cfg.lora, p.cfg.train.grad_accum
     lines = [f"plan: {p.model} {p.stage} on {t.name} ({t.topology}, {t.chips} chips"
              + (f", {t.hbm_bytes / GIB:.0f} GiB HBM per chip, {_gib(t.usable_hbm_bytes)} GiB usable per XLA"
                 if t.hbm_bytes else "") + ")",
              f"  mesh {mesh} (data-parallel {p.mesh['data'] * p.mesh['fsdp']}, parameters fsdp-sharded); "
-             f"remat {mc['remat']}, compute {mc['dtype']}, params {mc['param_dtype']}, "
-             f"attention {mc['attention_impl'] or 'xla'}"
-             + (f", frozen base {mc['quantization']} (tile {mc.get('quant_tile')})" if mc.get("quantization") else "")
-             + (f", grad_accum {p.cfg['train']['grad_accum']}" if int(p.cfg['train']['grad_accum']) > 1 else "")
-             + (f", LoRA r={p.cfg['lora']['rank']}" + (f" + {'/'.join(p.cfg['lora']['trainable_modules'])} in full"
-                                                        if p.cfg['lora']['trainable_modules'] else "")
-                if p.cfg["lora"]["enabled"] else ", full fine-tuning"),
+             f"remat {mc.remat}, compute {mc.dtype}, params {mc.param_dtype}, "
+             f"attention {mc.attention_impl or 'xla'}"
+             + (f", frozen base {mc.quantization} (tile {mc.quant_tile})" if mc.quantization else "")
+             + (f", grad_accum {accum}" if accum > 1 else "")
+             + (f", LoRA r={lc.rank}" + (f" + {'/'.join(lc.trainable_modules)} in full" if lc.trainable_modules else "")
+                if lc.enabled else ", full fine-tuning"),
              f"  global batch {p.batch} x " + (f"prompt {p.seq} + {p.info.get('max_new_tokens')} new tokens"
                                               if p.stage == "ppo" else f"seq {p.seq}")
              + f"; vocab {p.info.get('vocab_size')}"]

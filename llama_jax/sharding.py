@@ -175,3 +175,25 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                                    process_id=process_id)
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, accum: bool = False) -> NamedSharding:
+    """A batch leaf's sharding: rows over (data, fsdp) ("batch"); with `accum` a leading
+    micro-batch axis [accum, rows, ...] stays whole."""
+    lead = (None,) if accum else ()
+    return NamedSharding(mesh, P(*lead, ("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def host_batch_to_global(batch: dict, mesh: Mesh, accum: int = 0) -> dict:
+    """This host's rows (numpy) -> global arrays sharded over (data, fsdp), the hosts' rows
+    concatenated in process order; [accum, micro, ...] when `accum` > 0."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if accum:
+            v = v.reshape((accum, v.shape[0] // accum) + v.shape[1:])
+        sh = batch_sharding(mesh, v.ndim - (1 if accum else 0), bool(accum))
+        gshape = list(v.shape)
+        gshape[1 if accum else 0] *= jax.process_count()
+        out[k] = jax.make_array_from_process_local_data(sh, v, tuple(gshape))
+    return out

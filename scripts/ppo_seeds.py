@@ -53,7 +53,7 @@ import llama_jax  # noqa: E402
 from llama_jax.generate import SamplingParams, decode, left_pad, prefill  # noqa: E402
 from llama_jax.rl import ppo_math, rollout  # noqa: E402
 from llama_jax.stages import ppo  # noqa: E402
-from llama_jax.stages.common import build_mesh, build_model  # noqa: E402
+from llama_jax.train.run import build_mesh, build_model  # noqa: E402
 from llama_jax.train.config import load_config  # noqa: E402
 
 CONTENT = range(3, 16)  # the toy's content tokens (0 pad, 1 BOS, 2 EOS)
@@ -78,10 +78,10 @@ class Evaluator:
     """Greedy / sampled decoding and exact log-probs of a policy on a fixed prompt set."""
 
     def __init__(self, cfg, trainer, prompts, samples: int):
-        pc = cfg["ppo"]
-        self.N, self.T = int(pc["max_new_tokens"]), float(pc["temperature"])
-        self.miss = pc["missing_eos_score"]
-        self.reward_fn = rollout.get_reward_fn(pc["reward_fn"])
+        pc = cfg.ppo
+        self.N, self.T = pc.max_new_tokens, pc.temperature
+        self.miss = pc.missing_eos_score
+        self.reward_fn = rollout.get_reward_fn(pc.reward_fn)
         self.eos, self.pad = trainer.eos_ids, trainer.pad_id
         self.config = trainer.config
         self.prompts = prompts
@@ -193,7 +193,7 @@ def main(argv=None):
     if args.train_prompts:
         base.append(f"data.prompt_ids={json.dumps(random_prompts(args.train_prompts, 4321))}")
     if args.fixed_init:
-        cfg0 = load_config(ppo.DEFAULTS, args.config, base + ["train.seed=0"])
+        cfg0 = load_config(ppo.PPOConfig, args.config, base + ["train.seed=0"])
         init_dir = out / "init-seed0"
         if not (init_dir / "config.json").exists():  # exactly the stage's seed-0 initial policy
             llama_jax.save_hf(build_model(cfg0, build_mesh(cfg0), None), init_dir)
@@ -203,7 +203,7 @@ def main(argv=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     results, t0 = {"seeds": {}}, time.time()
     for seed in seeds:
-        cfg = load_config(ppo.DEFAULTS, args.config, base + [f"train.seed={seed}"])
+        cfg = load_config(ppo.PPOConfig, args.config, base + [f"train.seed={seed}"])
         run_dir = out / f"seed{seed}"
         # a finished run is resumed at its last checkpoint (nothing retrained) and only evaluated
         resumed = (run_dir / "checkpoints").exists()
@@ -211,7 +211,7 @@ def main(argv=None):
         res = ppo.run_config(cfg, str(run_dir))
         train_s = time.time() - ts
         tr = res["trainer"]
-        train_prompts = [list(map(int, p)) for p in cfg["data"]["prompt_ids"]]
+        train_prompts = [list(map(int, p)) for p in cfg.data.prompt_ids]
         held = random_prompts(args.heldout, 1234, exclude=train_prompts)
         train_last = {p[-1] for p in train_prompts}
         init_model, final_model = tr.reference_model(tr.state), res["model"]

@@ -95,7 +95,7 @@ def _metrics(d):
 
 
 def test_lora_dpo_starts_at_zero_margin(tmp_path, data_dir):
-    cfg = load_config(dpo.DEFAULTS, CONFIG, ["train.steps=2", "train.log_every=1", "train.eval_every=0",
+    cfg = load_config(dpo.DPOConfig, CONFIG, ["train.steps=2", "train.log_every=1", "train.eval_every=0",
                                              "train.progress=false", "mesh.fsdp=1", "data.max_length=128",
                                              "train.checkpoint_every=0", "lora.enabled=true", "lora.rank=8",
                                              "lora.alpha=16", "train.lr=5e-3"])
@@ -111,7 +111,7 @@ def test_lora_dpo_starts_at_zero_margin(tmp_path, data_dir):
 
 
 def test_toy_dpo_raises_heldout_preference_accuracy(tmp_path, data_dir):
-    cfg = load_config(dpo.DEFAULTS, CONFIG, ["train.steps=30", "train.log_every=1", "train.eval_every=30",
+    cfg = load_config(dpo.DPOConfig, CONFIG, ["train.steps=30", "train.log_every=1", "train.eval_every=30",
                                              "train.progress=false", "mesh.fsdp=1", "data.max_length=128",
                                              "train.checkpoint_every=0", "train.eval_batches=8"])
     r = dpo.run_config(cfg, str(tmp_path / "run"))

@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("peft_preset")
-    cfg = load_config(pretrain.DEFAULTS, os.path.join(REPO, "configs/toy/pretrain.yaml"), [
+    cfg = load_config(pretrain.PretrainConfig, os.path.join(REPO, "configs/toy/pretrain.yaml"), [
         "model.init=toy", "data.block_size=32", "train.batch_size=4", "data.max_documents=100",
         "train.progress=false", "train.steps=2", "train.log_every=1", "train.eval_every=0",
         "train.checkpoint_every=2", "mesh.fsdp=1", "lora.enabled=true", "lora.rank=4", "lora.alpha=8",

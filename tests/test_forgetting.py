@@ -35,7 +35,7 @@ def texts(tmp_path_factory, data_dir):
 
 def test_pretrain_eval_sets(tmp_path, texts, data_dir):
     d, zh, en = texts
-    cfg = load_config(pretrain.DEFAULTS, os.path.join(REPO, "configs/toy/pretrain.yaml"), [
+    cfg = load_config(pretrain.PretrainConfig, os.path.join(REPO, "configs/toy/pretrain.yaml"), [
         "data.block_size=64", "train.batch_size=8", "data.max_documents=200", "train.progress=false",
         "train.eval_batches=50", "train.steps=6", "train.log_every=3", "train.eval_every=3",
         "train.checkpoint_every=0", "mesh.fsdp=1", f"data.eval_files=[{d / 'zh.txt'}]",
@@ -74,7 +74,7 @@ def test_pretrain_eval_sets(tmp_path, texts, data_dir):
 
 def test_sft_eval_sets(tmp_path, texts):
     d, _, _ = texts
-    cfg = load_config(sft.DEFAULTS, os.path.join(REPO, "configs/toy/sft.yaml"), [
+    cfg = load_config(sft.SFTConfig, os.path.join(REPO, "configs/toy/sft.yaml"), [
         "train.steps=2", "train.eval_every=2", "train.log_every=2", "train.checkpoint_every=0",
         "train.progress=false", "mesh.fsdp=1", "data.max_length=64", "train.eval_batches=1",
         "data.sample_prompts=[]", f"data.eval_sets={{zh: [{d / 'zh.txt'}], en: [{d / 'en.jsonl'}]}}"])

@@ -84,14 +84,14 @@ def test_group_advantages_and_loss_match_the_formulas():
 
 
 def test_config_errors_name_the_field():
-    base = dict(grpo.DEFAULTS["grpo"], reward_fn="copy_last_token")
+    base = dict(grpo.GRPOOptions().to_dict(), reward_fn="copy_last_token")
     for bad, field in [({"group_size": 1}, "grpo.group_size"), ({"kl_in": "both"}, "grpo.kl_in"),
                        ({"aggregation": "batch"}, "grpo.aggregation"), ({"scale_rewards": "yes"}, "grpo.scale_rewards"),
                        ({"epochs": 1.5}, "grpo.epochs"), ({"groupsize": 4}, "grpo.groupsize"),
                        ({"reward_model": "/x"}, "exactly one of")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-            grpo.GRPOConfig.from_section({**base, **bad})
-    c = grpo.GRPOConfig.from_section({**base, "clip_high": 0.28, "scale_rewards": False})
+            grpo.GRPOOptions.from_dict({**base, **bad}, "grpo.")
+    c = grpo.GRPOOptions.from_dict({**base, "clip_high": 0.28, "scale_rewards": False}, "grpo.")
     assert c.clip_high == 0.28 and c.scale_rewards is False and c.group_size == 8
 
 
@@ -104,7 +104,7 @@ def test_step0_invariants_lora_rm(tmp_path):
     cfgm = llama_jax.preset("toy", **TINY)
     llama_jax.save_hf(_random_model(cfgm, 1), tmp_path / "sft")
     llama_jax.save_hf(_random_model(cfgm, 2, head="score"), tmp_path / "rm")
-    cfg = load_config(grpo.DEFAULTS, None, [
+    cfg = load_config(grpo.GRPOConfig, None, [
         f"model.init={tmp_path / 'sft'}", "data.prompt_ids=[[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 4], [1, 12, 13]]",
         f"grpo.reward_model={tmp_path / 'rm'}", "lora.enabled=true", "lora.rank=4", "lora.alpha=8",
         "grpo.temperature=0.7", "grpo.max_new_tokens=6", "grpo.group_size=4", "train.batch_size=4",
@@ -187,7 +187,7 @@ def test_grpo_converges_to_exact_kl_regularised_optimum(tmp_path, monkeypatch):
             "grpo.group_size=16", "grpo.epochs=2", "grpo.minibatches=2", "train.steps=100", "train.batch_size=8",
             "train.lr=3e-3", "train.schedule=linear", "train.log_every=10", "train.checkpoint_every=0",
             "train.progress=false", "mesh.fsdp=1", "train.seed=0"]
-    res = grpo.run_config(load_config(grpo.DEFAULTS, None, over), str(tmp_path / "run"))
+    res = grpo.run_config(load_config(grpo.GRPOConfig, None, over), str(tmp_path / "run"))
     tr = res["trainer"]
     Y = _all_responses()
     lref, mask, has_eos = _sequence_logprobs(tr.reference_model(tr.state), Y)

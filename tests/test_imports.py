@@ -146,11 +146,11 @@ def _sources():
 # Layers: a module may import only from its own layer or lower ones.
 LAYERS = [
     ({"data", "tokenizer", "text", "plots", "safetensors_io", "synthetic", "fsutil"}, 0),
-    ({"config", "model", "attention", "sharding", "quant", "lora", "hf", "checkpoint", "generate", "resize",
+    ({"config", "model", "attention", "sharding", "quant", "lora", "hf", "checkpoint", "generate",
       "vocab_resize", "convert", "scoring", "rl"}, 1),
     ({"train"}, 2),
     ({"stages", "export", "lm_eval_adapter"}, 3),
-    ({"cli", "demo", "demo_real", "plan", "chat", "chat_cli", "serve"}, 4),
+    ({"cli", "demo", "demo_real", "plan", "chat_cli", "serve"}, 4),
 ]
 
 
@@ -168,46 +168,18 @@ def layer_violations(g):
     return {(m, t) for m, ts in g.items() if m != "llama_jax" for t in ts if layer_of(t) > layer_of(m)}
 
 
-# Violations in modules being rewritten right now (stages/, train/, export, plan, demo, demo_real,
-# cli; data/ while data/chat.py is split): listed so that the tests guard everything else today.
-# Each entry must go when its module is fixed (a stale entry fails test_pending_lists_are_current).
-PENDING_PRIVATE = {
-    ("llama_jax.data.preference", "llama_jax.data.chat._alpaca_prompt"),
-    ("llama_jax.data.preference", "llama_jax.data.chat._history"),
-    ("llama_jax.data.preference", "llama_jax.data.chat._required"),
-    ("llama_jax.data.preference", "llama_jax.data.chat._str"),
-    ("llama_jax.data.preference", "llama_jax.data.chat._system"),
-    ("llama_jax.plan", "llama_jax.rl.rollout._cache_maker"),  # public now: rl.rollout.cache_maker
-    ("llama_jax.plan", "llama_jax.train.loop._batch_sharding"),
-    ("llama_jax.stages.reward", "llama_jax.train.loop._to_global"),
-    ("llama_jax.stages.rl_common", "llama_jax.data.chat._alpaca_prompt"),
-    ("llama_jax.stages.rl_common", "llama_jax.data.chat._history"),
-    ("llama_jax.stages.rl_common", "llama_jax.data.chat._system"),
-    ("llama_jax.stages.rl_common", "llama_jax.train.loop._to_global"),
-}
-PENDING_LAYERS: set = set()
-REWRITTEN = ("llama_jax.stages", "llama_jax.train", "llama_jax.export", "llama_jax.plan", "llama_jax.demo",
-             "llama_jax.cli", "llama_jax.data")
-
-
 def test_every_module_has_a_layer():
     assert [m for m in _modules() if m != "llama_jax" and layer_of(m) is None] == []
 
 
 def test_no_private_name_crosses_modules():
     found = private_imports(_sources())
-    assert found - PENDING_PRIVATE == set(), "import a public name instead (make it public where it is defined)"
+    assert found == set(), "import a public name instead (make it public where it is defined)"
 
 
 def test_imports_go_downward_only():
     found = layer_violations(_graph())
-    assert found - PENDING_LAYERS == set(), "a module imports from a higher layer (see LAYERS)"
-
-
-def test_pending_lists_are_current():
-    assert all(m.startswith(REWRITTEN) for m, _ in PENDING_PRIVATE | PENDING_LAYERS)
-    assert PENDING_PRIVATE - private_imports(_sources()) == set(), "fixed: remove these from PENDING_PRIVATE"
-    assert PENDING_LAYERS - layer_violations(_graph()) == set(), "fixed: remove these from PENDING_LAYERS"
+    assert found == set(), "a module imports from a higher layer (see LAYERS)"
 
 
 def test_a_private_import_and_an_upward_import_are_detected(tmp_path):

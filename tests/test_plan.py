@@ -81,8 +81,7 @@ def test_train_and_planner_lower_the_same_step(tmp_path, monkeypatch):
     batch) is the very HLO train() runs, and it compiles on the 8 CPU devices with a non-empty
     memory analysis."""
     from llama_jax.stages import pretrain
-    from llama_jax.stages.common import build_mesh, build_model
-    from llama_jax.stages.lora_setup import maybe_apply_lora
+    from llama_jax.train.run import build_mesh, build_model, trainable_filter
 
     cfg = _cfg()
     mesh = build_mesh(cfg)
@@ -98,8 +97,8 @@ def test_train_and_planner_lower_the_same_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "build_train_step", spy)
     model = build_model(cfg, mesh, vocab_size=None)
-    trainable = maybe_apply_lora(cfg, model)
-    B, T = cfg["train"]["batch_size"], cfg["data"]["block_size"]
+    trainable = trainable_filter(cfg, model)
+    B, T = cfg.train.batch_size, cfg.data.block_size
     task = loop.Task(name="pretrain", loss_fn=pretrain.make_loss(cfg), train=_Batches(B, T, 512))
     with pytest.raises(_Built):
         loop.train(task, model, cfg, tmp_path / "run", mesh, trainable=trainable)
@@ -133,16 +132,16 @@ def test_moments_follow_parameter_shardings():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from llama_jax.sharding import make_mesh
-    from llama_jax.train.config import COMMON
-    from llama_jax.train.optim import make_optimizer
+    from llama_jax.train.config import TrainSection
+    from llama_jax.train.optim import init_opt_state, make_optimizer, on_mesh
 
     mesh = make_mesh({"fsdp": -1})
     w = jax.device_put(np.ones((16, 8), np.float32), NamedSharding(mesh, P("fsdp")))
     for lora_lr in (None, 1e-3):  # plain AdamW and the multi_transform with LoRA labels
         params = {"lora": {"w": w}, "full": {"w": w, "norm": np.ones(8, np.float32)}}
-        tx, _ = make_optimizer({**COMMON["train"], "lora_lr": lora_lr}, params)
-        psh = jax.tree.map(lambda x: loop.on_mesh(x, mesh), params)
-        opt = loop.init_opt_state(tx, params, psh, mesh)
+        tx, _ = make_optimizer(TrainSection(lora_lr=lora_lr), params)
+        psh = jax.tree.map(lambda x: on_mesh(x, mesh), params)
+        opt = init_opt_state(tx, params, psh, mesh)
         shapes = [(x.shape, x.sharding.spec) for x in jax.tree.leaves(opt)]
         assert ((16, 8), P("fsdp")) in shapes and all(s == P() for sh, s in shapes if sh != (16, 8))
 

@@ -90,15 +90,15 @@ def test_first_minibatch_ratio_one_and_kl_zero(tmp_path, mode):
         cfgm = llama_jax.preset("toy", **TINY)
         llama_jax.save_hf(_random_model(cfgm, 1), tmp_path / "sft")
         llama_jax.save_hf(_random_model(cfgm, 2, head="score"), tmp_path / "rm")
-        cfg = load_config(ppo.DEFAULTS, None, [
+        cfg = load_config(ppo.PPOConfig, None, [
             f"model.init={tmp_path / 'sft'}", "data.prompt_ids=[[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 4], [1, 12, 13]]",
             f"ppo.reward_model={tmp_path / 'rm'}", "lora.enabled=true", "lora.rank=4", "lora.alpha=8",
             "ppo.temperature=0.7", "ppo.max_new_tokens=6", "train.batch_size=8", "ppo.minibatches=2", "ppo.epochs=2",
             "train.lr=1e-2", "mesh.fsdp=1", "train.progress=false", "ppo.kl_coef=0.1",
             "ppo.check_fn=copy_last_token", "ppo.score_clip=0.05"])
     else:
-        cfg = load_config(ppo.DEFAULTS, TOY, SMALL)
-    T = float(cfg["ppo"]["temperature"])
+        cfg = load_config(ppo.PPOConfig, TOY, SMALL)
+    T = cfg.ppo.temperature
     tr = ppo.PPOTrainer(cfg)
     st = tr.init_state()
     if mode == "lora+rm":
@@ -214,7 +214,7 @@ def test_ppo_moves_toward_exact_kl_regularised_optimum(tmp_path, monkeypatch):
             "ppo.ent_coef=0.0", "ppo.epochs=4", "ppo.minibatches=2", "ppo.gamma=1.0", "ppo.lam=0.95",
             f"train.steps={steps}", "train.batch_size=32", "train.lr=3e-3", "train.schedule=linear",
             "train.log_every=10", "train.checkpoint_every=0", "train.progress=false", "mesh.fsdp=1", "train.seed=0"]
-    cfg = load_config(ppo.DEFAULTS, None, over)
+    cfg = load_config(ppo.PPOConfig, None, over)
     Y = _all_responses()
     assert len(Y) == 1 + 5 + 25 + 125
 
@@ -244,7 +244,7 @@ def test_ppo_moves_toward_exact_kl_regularised_optimum(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- (c) exact resume
 def test_exact_resume_after_sigkill(tmp_path, capsys, compile_cache):
-    cfg = lambda: load_config(ppo.DEFAULTS, TOY, SMALL)
+    cfg = lambda: load_config(ppo.PPOConfig, TOY, SMALL)
     ppo.run_config(cfg(), str(tmp_path / "ref"))
     run = tmp_path / "killed"
     k = subprocess.run([sys.executable, "-m", "llama_jax.cli", "ppo", TOY, "--out", str(run), *SMALL],

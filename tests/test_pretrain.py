@@ -18,7 +18,7 @@ SMALL = ["data.block_size=64", "train.batch_size=8", "data.max_documents=600", "
 
 
 def _cfg(*over):
-    return load_config(pretrain.DEFAULTS, CONFIG, SMALL + list(over))
+    return load_config(pretrain.PretrainConfig, CONFIG, SMALL + list(over))
 
 
 def _metrics(run_dir):

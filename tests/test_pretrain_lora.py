@@ -24,7 +24,7 @@ def run(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("lora")
     base = llama_jax.init_model(llama_jax.preset("toy"), seed=0)
     llama_jax.save_hf(base, tmp / "base", tokenizer=str(data_dir / "llama2-tokenizer" / "tokenizer.model"))
-    cfg = load_config(pretrain.DEFAULTS, os.path.join(REPO, "configs/toy/pretrain.yaml"), [
+    cfg = load_config(pretrain.PretrainConfig, os.path.join(REPO, "configs/toy/pretrain.yaml"), [
         f"model.init={tmp / 'base'}", "tokenizer=null", "data.block_size=64", "train.batch_size=8",
         "data.max_documents=300", "train.progress=false", "train.steps=6", "train.log_every=2",
         "train.eval_every=0", "train.checkpoint_every=6", "mesh.fsdp=1", "lora.enabled=true", "lora.rank=4",

@@ -62,7 +62,7 @@ def _metrics(d):
 def test_qlora_sft_trains_only_lora_and_exports(tmp_path, data_dir):
     base = llama_jax.init_model(llama_jax.preset("toy"), seed=1)
     llama_jax.save_hf(base, tmp_path / "base", tokenizer=str(data_dir / "llama2-tokenizer" / "tokenizer.model"))
-    cfg = load_config(sft.DEFAULTS, CONFIG, [
+    cfg = load_config(sft.SFTConfig, CONFIG, [
         f"model.init={tmp_path / 'base'}", "tokenizer=null", "train.steps=12", "train.log_every=1",
         "train.eval_every=0", "train.checkpoint_every=12", "train.progress=false", "mesh.fsdp=1",
         "data.max_length=64", "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2",

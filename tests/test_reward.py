@@ -15,6 +15,7 @@ import llama_jax
 from llama_jax.cli import main
 from llama_jax.stages import reward
 from llama_jax.train.config import ConfigError, load_config
+from llama_jax.train.run import RunDir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "toy", "rm.yaml")
@@ -23,7 +24,7 @@ QUIET = ["train.progress=false", "mesh.fsdp=1"]
 
 
 def _cfg(*over):
-    return load_config(reward.DEFAULTS, CONFIG, QUIET + list(over))
+    return load_config(reward.RMConfig, CONFIG, QUIET + list(over))
 
 
 def _tiny(seed=0):
@@ -160,7 +161,7 @@ def test_synthetic_separable_preferences_are_learned(synthetic_run):
     assert ev[-1]["eval_margin"] > 0.5
     norm = json.loads((run_dir / "reward_norm.json").read_text())
     assert norm["count"] == 64 and norm["source"] == "train_chosen" and np.isfinite(norm["offset"])
-    assert json.loads((run_dir / "config.json").read_text())["_head"] == "score"
+    assert RunDir.read(run_dir)[1]["head"] == "score"  # the run says it is a score-head run (export rebuilds one)
 
 
 def _hf_scores(hf_dir, rows):
@@ -213,7 +214,7 @@ def test_lora_rm_from_hf_causal_lm(synthetic_run, data_dir, tmp_path):
     assert np.std(np.asarray(init.score.kernel.get_value())) == pytest.approx(1 / np.sqrt(65), rel=0.25)
     assert any(np.abs(v).max() > 0 for k, v in trained.items() if k[-1] == "b" and "lora" in k)
     stored = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert "score" in stored["lora"]["trainable_modules"] and stored["_head"] == "score"
+    assert "score" in stored["lora"]["trainable_modules"] and RunDir.read(tmp_path / "run")[1]["head"] == "score"
     # export merges LoRA into a LlamaForSequenceClassification that transformers scores the same
     assert main(["export", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
     rows = [np.r_[1, np.arange(100, 111), 2], np.r_[1, np.arange(500, 505), 2]]

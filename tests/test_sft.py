@@ -41,7 +41,7 @@ def _metrics(d):
 
 
 def test_toy_sft_lowers_heldout_loss_and_writes_samples(tmp_path, data_dir):
-    cfg = load_config(sft.DEFAULTS, CONFIG, ["train.steps=30", "train.eval_every=10", "train.log_every=10",
+    cfg = load_config(sft.SFTConfig, CONFIG, ["train.steps=30", "train.eval_every=10", "train.log_every=10",
                                              "train.checkpoint_every=0", "train.progress=false", "mesh.fsdp=1",
                                              "data.max_length=128", "train.eval_batches=2",
                                              "data.sample_max_new_tokens=8"])
@@ -56,7 +56,7 @@ def test_toy_sft_lowers_heldout_loss_and_writes_samples(tmp_path, data_dir):
 def test_lora_sft_exports_merged_and_peft_with_same_logits(tmp_path, data_dir):
     base = llama_jax.init_model(llama_jax.preset("toy"), seed=1)
     llama_jax.save_hf(base, tmp_path / "base", tokenizer=str(data_dir / "llama2-tokenizer" / "tokenizer.model"))
-    cfg = load_config(sft.DEFAULTS, CONFIG, [
+    cfg = load_config(sft.SFTConfig, CONFIG, [
         f"model.init={tmp_path / 'base'}", "tokenizer=null", "train.steps=4", "train.log_every=2",
         "train.eval_every=0", "train.checkpoint_every=4", "train.progress=false", "mesh.fsdp=1",
         "data.max_length=128", "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=1e-2",
@@ -71,7 +71,7 @@ def test_lora_sft_exports_merged_and_peft_with_same_logits(tmp_path, data_dir):
     # both record the template the run trained with, which serve / chat then use by default
     from llama_jax.data.templates import resolve_template
 
-    want = cfg["data"]["template"]
+    want = cfg.data.template
     assert resolve_template(None, tmp_path / "merged")[0] == want
     assert resolve_template(None, tmp_path / "adapter")[0] == want
     assert resolve_template("alpaca", tmp_path / "merged")[0] == "alpaca"

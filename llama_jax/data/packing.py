@@ -100,18 +100,23 @@ def pack(docs: list[np.ndarray], block_size: int, bos: int | None, eos: int | No
 
 
 class StepIndexedBatches:
-    """Batch for step s = rows of a per-epoch seeded permutation; this host's slice only."""
+    """Batch for step s = rows s*G .. s*G+G-1 of per-epoch seeded permutations (a function of s,
+    so a resumed run sees the same batches); this host's contiguous slice of them.
 
-    def __init__(self, blocks: PackedBlocks | dict, global_batch: int, seed: int, host: int = 0, num_hosts: int = 1,
-                 shuffle: bool = True):
+    `blocks`: arrays with one row per example (PackedBlocks or {name: [N, ...]}), or a list of
+    examples with `collate(indices) -> {name: array}`, which builds the whole global batch (so
+    every host pads to the same width) before this host's slice is taken."""
+
+    def __init__(self, blocks, global_batch: int, seed: int, host: int = 0, num_hosts: int = 1,
+                 shuffle: bool = True, collate=None):
         if global_batch % num_hosts:
             raise DataError(f"global batch {global_batch} is not divisible by {num_hosts} hosts")
         if isinstance(blocks, PackedBlocks):
             blocks = {"tokens": blocks.tokens, "segments": blocks.segments, "positions": blocks.positions}
-        self.n = len(next(iter(blocks.values())))
+        self.n = len(blocks) if collate is not None else len(next(iter(blocks.values())))
         if self.n == 0:
             raise DataError("no training blocks")
-        self.blocks, self.G, self.seed, self.shuffle = blocks, global_batch, seed, shuffle
+        self.blocks, self.G, self.seed, self.shuffle, self.collate = blocks, global_batch, seed, shuffle, collate
         self.host, self.num_hosts = host, num_hosts
         self._perms: dict[int, np.ndarray] = {}
 
@@ -122,16 +127,22 @@ class StepIndexedBatches:
                            else np.arange(n)}
         return self._perms[epoch]
 
-    def rows(self, step: int) -> np.ndarray:
+    def _indices(self, start: int, count: int) -> np.ndarray:
         n = self.n
+        return np.array([self._perm(i // n)[i % n] for i in range(start, start + count)])
+
+    def rows(self, step: int) -> np.ndarray:
+        """This host's example indices of step `step`."""
         per_host = self.G // self.num_hosts
-        start = step * self.G + self.host * per_host
-        idx = np.arange(start, start + per_host)
-        return np.array([self._perm(i // n)[i % n] for i in idx])
+        return self._indices(step * self.G + self.host * per_host, per_host)
 
     def batch(self, step: int) -> dict:
-        r = self.rows(step)
-        return {k: v[r] for k, v in self.blocks.items()}
+        if self.collate is None:
+            r = self.rows(step)
+            return {k: v[r] for k, v in self.blocks.items()}
+        b = self.collate(self._indices(step * self.G, self.G))
+        per = self.G // self.num_hosts
+        return {k: v[self.host * per:(self.host + 1) * per] for k, v in b.items()}
 
 
 class StepIndexedList:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fsutil import write_text_atomic
 from .packing import encode_batch, tokenizer_fingerprint
 from .sources import DataError, expand
 
@@ -229,12 +230,6 @@ def _load_tok(path: str):
     return _WORKER_TOK[path]
 
 
-def _atomic_write(path: Path, data: bytes | str):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.replace(tmp, path)
-
-
 def tokenize_unit(args) -> dict:
     """Tokenise one work unit into shards/NNNNN.{bin,idx.npy,json}; returns its counts."""
     idx, unit, tok_path, dtype, cfg, out = args
@@ -273,7 +268,7 @@ def tokenize_unit(args) -> dict:
     os.replace(sdir / f"{name}.idx.npy.tmp{os.getpid()}", sdir / f"{name}.idx.npy")
     info = {"name": name, "unit": unit, "counts": dict(counts), "bad_utf8_examples": examples,
             "seconds": time.perf_counter() - t0}
-    _atomic_write(sdir / f"{name}.json", json.dumps(info, ensure_ascii=False))
+    write_text_atomic(sdir / f"{name}.json", json.dumps(info, ensure_ascii=False))
     return info
 
 
@@ -309,7 +304,7 @@ def tokenize_corpus(files, tokenizer: str, out: str | os.PathLike, cfg: Tokenize
         if (out / "manifest.json").exists():
             return json.loads((out / "manifest.json").read_text())
     else:
-        _atomic_write(plan_path, json.dumps(plan, indent=1, ensure_ascii=False))
+        write_text_atomic(plan_path, json.dumps(plan, indent=1, ensure_ascii=False))
     for stale in (out / "shards").glob("*.tmp*"):  # left by a killed run's workers
         stale.unlink(missing_ok=True)
     todo = [i for i in range(len(units)) if not (out / "shards" / f"{i:05d}.json").exists()]
@@ -394,7 +389,7 @@ def _finalize(out: Path, plan: dict, seconds: float) -> dict:
     manifest = {k: plan[k] for k in ("format", "tokenizer", "dtype", "text_field", "chunk_mb", "on_bad_utf8",
                                      "sources")}
     manifest.update(counts=dict(totals), bad_utf8_examples=examples, shards=shards, seconds=round(seconds, 3))
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
     return manifest
 
 

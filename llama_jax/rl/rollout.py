@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from ..generate import SamplingParams, decoder, prefill
+from ..lora import lora_off
 from ..model import Cache
 from ..sharding import named_sharding
 from . import ppo_math
@@ -49,7 +50,6 @@ def cache_maker(cfg, batch: int, length: int, mesh):
     return jax.jit(lambda: Cache.init(cfg, batch, length), out_shardings=out)
 
 
-_cache_maker = cache_maker  # transitional: plan.py still imports the old name; remove with that import
 
 
 def sample_responses(graphdef, state, cfg, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
@@ -112,13 +112,10 @@ def reference_state(trainable, ref_store):
         path = tuple(path)
         if path in store:
             v = v.replace(store[path].get_value())
-        elif isinstance(v, nnx.LoRAParam):
-            if path[-1] == "b":
-                v = v.replace(jnp.zeros_like(v.get_value()))
-        else:
+        elif not isinstance(v, nnx.LoRAParam):
             raise ValueError(f"reference_state: no reference value for trainable {'.'.join(map(str, path))}")
         flat.append((path, v))
-    return nnx.from_flat_state(flat)
+    return lora_off(nnx.from_flat_state(flat))
 
 
 def reference_store(trainable):

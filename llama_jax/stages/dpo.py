@@ -8,6 +8,7 @@ ipo: (Δ − 1/(2β))² with log-probs averaged over response tokens.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -15,18 +16,40 @@ import numpy as np
 from flax import nnx
 
 from ..data.packing import StepIndexedBatches
+from ..lora import lora_off
 from ..data.preference import load_pairs, pair_batch
 from ..data.sources import DataError, expand
-from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
+from ..train.config import ON_ERROR, ConfigError, RunConfig, Section, load_config, opt
 from ..train.loop import Task
 from .common import eval_batches, flops_per_token, run_stage
 
-DEFAULTS = stage_defaults(
-    data={"train_files": [], "eval_files": [], "eval_fraction": 0.1, "template": "chinese-alpaca-2",
-          "max_length": 512, "max_prompt_length": None, "on_error": "skip"},
-    dpo={"beta": 0.1, "loss": "sigmoid", "reference": "auto"},
-)
 LOSSES = ("sigmoid", "hinge", "ipo")
+
+
+@dataclass
+class PairData(Section):
+    """Preference pairs (DPO, reward model): prompt + chosen + rejected records."""
+    train_files: list[str] = opt([], "preference records: prompt/chosen/rejected, or conversations + chosen/rejected")
+    eval_files: list[str] = opt([], "held-out pairs (default: data.eval_fraction of the pairs)")
+    eval_fraction: float = opt(0.1, "pairs held out when there are no eval_files")
+    template: str = opt("chinese-alpaca-2", "chat template (llama2-chat, chinese-alpaca-2, alpaca, tokenizer)")
+    max_length: int = opt(512, "tokens of prompt + response; longer pairs are skipped or truncated")
+    max_prompt_length: int | None = opt(None, "prompt tokens kept (left-truncated) when a pair is too long")
+    on_error: str = opt("skip", "a bad record: skip (counted) or error (stop, naming file, record and field)", ON_ERROR)
+
+
+@dataclass
+class DPOOptions(Section):
+    beta: float = opt(0.1, "beta: strength of the implicit KL to the reference")
+    loss: str = opt("sigmoid", "sigmoid (DPO), hinge (SLiC) or ipo", LOSSES)
+    reference: str = opt("auto", "reference log-probs: lora_off (same weights, LoRA off), precomputed, or auto",
+                         ("auto", "lora_off", "precomputed"))
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    data: PairData = field(default_factory=PairData, metadata={"doc": "preference pairs"})
+    dpo: DPOOptions = field(default_factory=DPOOptions, metadata={"doc": "the DPO loss"})
 
 
 def sequence_logps(model, input_ids, attention_mask, loss_mask, average: bool = False):
@@ -78,7 +101,9 @@ def make_loss(beta: float, kind: str, lora_reference: bool):
         # rows interleave chosen/rejected per pair: [c0, r0, c1, r1, ...]
         lp = sequence_logps(model, ids, am, lm, average).reshape(B, 2)
         if lora_reference:
-            ref = jax.lax.stop_gradient(sequence_logps(_lora_off(model), ids, am, lm, average).reshape(B, 2))
+            graphdef, state = nnx.split(model)
+            ref_model = nnx.merge(graphdef, lora_off(state))  # same weights, LoRA off: no second copy
+            ref = jax.lax.stop_gradient(sequence_logps(ref_model, ids, am, lm, average).reshape(B, 2))
         else:
             ref = jnp.stack([batch["ref_chosen"], batch["ref_rejected"]], -1)
         loss, rc, rr = dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], beta, kind)
@@ -90,18 +115,10 @@ def make_loss(beta: float, kind: str, lora_reference: bool):
     return loss_fn
 
 
-def _lora_off(model):
-    """The same model with every LoRA update zeroed: B factors replaced by zeros (no copy of W)."""
+def precompute_reference(model, arrays, batch_size: int, average: bool = False):
+    """Reference log-probs of every pair with the (initial) model, in fixed-size jitted chunks
+    (`average`: per-token means, IPO's)."""
     graphdef, state = nnx.split(model)
-    flat = [(p, v.replace(jnp.zeros_like(v.get_value())) if isinstance(v, nnx.LoRAParam) and str(p[-1]) == "b" else v)
-            for p, v in nnx.to_flat_state(state)]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def precompute_reference(model, arrays, batch_size: int):
-    """Reference log-probs of every pair with the (initial) model, in fixed-size jitted chunks."""
-    graphdef, state = nnx.split(model)
-    average = arrays["_average"]
 
     @jax.jit
     def f(st, ids, am, lm):
@@ -120,55 +137,49 @@ def precompute_reference(model, arrays, batch_size: int):
     return lp[:, 0].astype(np.float32), lp[:, 1].astype(np.float32)
 
 
-def build_task(cfg, tok, model, lora_reference: bool):
-    dc, tc, pc = cfg["data"], cfg["train"], cfg["dpo"]
-    if pc["loss"] not in LOSSES:
-        raise ConfigError(f"dpo.loss: {pc['loss']!r} is not one of {LOSSES}")
-    T = int(dc["max_length"])
+def build_task(cfg: DPOConfig, tok, model, lora_reference: bool):
+    dc, tc, pc = cfg.data, cfg.train, cfg.dpo
+    T = dc.max_length
     if T > model.config.max_position_embeddings:
         raise ConfigError(f"data.max_length={T} exceeds max_position_embeddings={model.config.max_position_embeddings}")
-    files = expand([resolve_path(cfg, f) for f in dc["train_files"]])
-    pairs, stats = load_pairs(files, tok, dc["template"], T, dc["on_error"], dc["max_prompt_length"])
+    files = expand(cfg.paths(dc.train_files))
+    pairs, stats = load_pairs(files, tok, dc.template, T, dc.on_error, dc.max_prompt_length)
     print(f"dpo data: {stats.report()}")
-    if dc["eval_files"]:
-        eval_pairs, _ = load_pairs(expand([resolve_path(cfg, f) for f in dc["eval_files"]]), tok, dc["template"], T,
-                                   dc["on_error"], dc["max_prompt_length"])
+    if dc.eval_files:
+        eval_pairs, _ = load_pairs(expand(cfg.paths(dc.eval_files)), tok, dc.template, T, dc.on_error,
+                                   dc.max_prompt_length)
     else:
-        n_eval = max(1, int(len(pairs) * float(dc["eval_fraction"])))
+        n_eval = max(1, int(len(pairs) * dc.eval_fraction))
         if n_eval >= len(pairs):
             raise DataError(f"{files}: {len(pairs)} pair(s) are too few to hold out an eval set")
         pairs, eval_pairs = pairs[:-n_eval], pairs[-n_eval:]
     pad = getattr(tok, "pad_token_id", None) or 0
-    G = int(tc["batch_size"])
+    G = tc.batch_size
     arrays, ev = _pair_arrays(pairs, T, pad), _pair_arrays(eval_pairs, T, pad)
     if not lora_reference:
         for a in (arrays, ev):
-            a["_average"] = pc["loss"] == "ipo"
-            a["ref_chosen"], a["ref_rejected"] = precompute_reference(model, a, G)
-            del a["_average"]
+            a["ref_chosen"], a["ref_rejected"] = precompute_reference(model, a, G, average=pc.loss == "ipo")
     host, nh = jax.process_index(), jax.process_count()
-    eval_list = eval_batches({k: v for k, v in ev.items() if k != "pair_index"}, G, tc["eval_batches"])
+    eval_list = eval_batches({k: v for k, v in ev.items() if k != "pair_index"}, G, tc.eval_batches)
     train_arrays = {k: v for k, v in arrays.items() if k != "pair_index"}
-    return Task(name="dpo", loss_fn=make_loss(float(pc["beta"]), pc["loss"], lora_reference),
-                train=StepIndexedBatches(train_arrays, G, int(tc["seed"]), host, nh), eval_batches=eval_list,
+    return Task(name="dpo", loss_fn=make_loss(pc.beta, pc.loss, lora_reference),
+                train=StepIndexedBatches(train_arrays, G, tc.seed, host, nh), eval_batches=eval_list,
                 flops_per_token=flops_per_token(model.config, T) * (1.5 if lora_reference else 1.0),
                 tokens_per_row=2 * T, extra_meta={"pairs": len(pairs)}, perplexity=False)
 
 
 def run(config_path, out: str | None = None, overrides=()) -> dict:
-    return run_config(load_config(DEFAULTS, config_path, list(overrides)), out)
+    return run_config(load_config(DPOConfig, config_path, list(overrides)), out)
 
 
-def run_config(cfg: dict, out: str | None = None) -> dict:
-    lc, ref = cfg["lora"], cfg["dpo"]["reference"]
-    lora_ref_ok = lc["enabled"] and not lc["trainable_modules"]
+def run_config(cfg: DPOConfig, out: str | None = None) -> dict:
+    lc, ref = cfg.lora, cfg.dpo.reference
+    lora_ref_ok = lc.enabled and not lc.trainable_modules
     if ref == "auto":
         ref = "lora_off" if lora_ref_ok else "precomputed"
     if ref == "lora_off" and not lora_ref_ok:
         raise ConfigError("dpo.reference=lora_off needs LoRA without trainable_modules (those would change the "
                           "reference); use 'precomputed'")
-    if ref not in ("lora_off", "precomputed"):
-        raise ConfigError(f"dpo.reference: {ref!r} is not auto, lora_off or precomputed")
     # the task precomputes reference log-probs (if any) before LoRA is attached or any update
     result = run_stage(cfg, out, "dpo", lambda c, tok, m, _: build_task(c, tok, m, lora_reference=ref == "lora_off"))
     result["reference"] = ref

@@ -28,7 +28,7 @@ import numpy as np
 from ..data.multiple_choice import CONTINUATIONS, FORMATS, load_subjects, prompt
 from ..data.sources import DataError
 from ..text import encode, prefix_token
-from ..tokenizer.atomic import write_text_atomic
+from ..fsutil import write_text_atomic
 
 MC_TASKS = ("ceval", "cmmlu", "mmlu")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")

@@ -23,11 +23,9 @@ loop's layout (`llama-jax export --model RUN_DIR` exports the policy).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,93 +35,51 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..rl import grpo_math, ppo_math
 from ..rl.rollout import make_experience_fn, response_logprobs
-from ..train.config import ConfigError, load_config, stage_defaults
-from ..train.loop import TrainingError, init_opt_state, on_mesh, opt_state_shardings
-from ..train.optim import make_optimizer
-from .rl_common import RolloutTrainer
+from ..train.config import ConfigError, TrainSection, load_config, opt
+from ..train.optim import init_opt_state, make_optimizer, on_mesh, opt_state_shardings
+from ..train.run import TrainingError
+from .rl_common import RolloutConfig, RolloutOptions, RolloutTrainer, rl_train
 
 
-@dataclass(frozen=True)
-class GRPOConfig:
+@dataclass
+class GRPOOptions(RolloutOptions):
     """The `grpo:` section.  Reward: exactly one of reward_model and reward_fn (as in `ppo:`)."""
-    reward_model: str | None = None      # HF / llama_jax dir of a head='score' model (frozen)
-    reward_fn: str | None = None         # registered reward function (rl.rollout.REWARDS) or "module:fn"
-    reward_fn_args: dict = field(default_factory=dict)  # given: reward_fn is a factory called with them
-    reward_offset: Any = "auto"          # subtracted from RM scores; auto = the RM dir's stored offset
-    group_size: int = 8                  # G samples per prompt
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    epochs: int = 1                      # passes over one rollout batch
-    minibatches: int = 1                 # updates per pass (must divide batch_size x group_size)
-    clip_low: float = 0.2                # ratio clipped to [1 - clip_low, 1 + clip_high]
-    clip_high: float = 0.2               # > clip_low: clip-higher (DAPO: 0.28)
-    scale_rewards: bool = True           # divide by the group's reward std; false = Dr. GRPO
-    kl_coef: float = 0.04                # beta
-    kl_in: str = "loss"                  # loss: beta x KL estimate per token in the loss; reward: in the reward
-    kl_estimator: str = "k3"             # k1 | k2 | k3
-    aggregation: str = "token"           # token (DAPO) | sequence (original GRPO)
-    drop_equal_groups: bool = False      # leave groups whose rewards are all equal out of the update
-    missing_eos_score: float | None = -1.0  # reward of a response with no EOS within max_new_tokens; null = keep
-    ent_coef: float = 0.0
+    group_size: int = opt(8, "G samples per prompt")
+    epochs: int = opt(1, "passes over one rollout batch")
+    minibatches: int = opt(1, "updates per pass (must divide train.batch_size x group_size)")
+    clip_low: float = opt(0.2, "ratio clipped to [1 - clip_low, 1 + clip_high]")
+    clip_high: float = opt(0.2, "> clip_low: clip-higher (DAPO: 0.28)")
+    scale_rewards: bool = opt(True, "divide by the group's reward std; false = Dr. GRPO")
+    kl_coef: float = opt(0.04, "beta")
+    kl_in: str = opt("loss", "loss: beta x KL estimate per token in the loss; reward: in the sequence reward",
+                     ("loss", "reward"))
+    kl_estimator: str = opt("k3", "per-token KL estimate", ("k1", "k2", "k3"))
+    aggregation: str = opt("token", "token (DAPO) | sequence (original GRPO)", tuple(grpo_math.AGGREGATIONS))
+    drop_equal_groups: bool = opt(False, "leave groups whose rewards are all equal out of the update")
+    missing_eos_score: float | None = opt(-1.0, "reward of a response with no EOS within max_new_tokens; null = keep")
+    ent_coef: float = opt(0.0, "entropy bonus")
 
-    @classmethod
-    def from_section(cls, d: dict) -> "GRPOConfig":
-        """Typed and checked; a bad value raises ConfigError naming grpo.<field>."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"grpo.{unknown[0]}: unknown option (options: {', '.join(sorted(names))})")
-        kw = {}
-        for f in dataclasses.fields(cls):
-            v = d.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            try:
-                if f.type in ("int",):
-                    if isinstance(v, bool) or int(v) != v:
-                        raise ValueError
-                    v = int(v)
-                elif f.type == "float":
-                    v = float(v)
-                elif f.type == "bool":
-                    if not isinstance(v, bool):
-                        raise ValueError
-                elif f.type == "float | None" and v is not None:
-                    v = float(v)
-            except (TypeError, ValueError):
-                raise ConfigError(f"grpo.{f.name}: {v!r} is not a valid {f.type}") from None
-            kw[f.name] = v
-        c = cls(**kw)
-        if bool(c.reward_model) == bool(c.reward_fn):
-            raise ConfigError("grpo: give exactly one of grpo.reward_model (a score model) and grpo.reward_fn")
-        if c.group_size < 2:
-            raise ConfigError(f"grpo.group_size: {c.group_size}, must be >= 2 (advantages are relative to the group)")
-        if not c.temperature > 0:
-            raise ConfigError("grpo.temperature must be > 0 (sampling; log-probs use the same temperature)")
-        if c.epochs < 1 or c.minibatches < 1 or c.max_new_tokens < 1:
-            raise ConfigError("grpo.epochs, grpo.minibatches and grpo.max_new_tokens must be >= 1")
-        if not (0 <= c.clip_low < 1 and c.clip_high >= 0):
-            raise ConfigError(f"grpo.clip_low / clip_high: {c.clip_low} / {c.clip_high} (need 0 <= clip_low < 1, "
-                              "clip_high >= 0)")
-        if c.kl_in not in ("loss", "reward"):
-            raise ConfigError(f"grpo.kl_in: {c.kl_in!r} is not one of loss, reward")
-        if c.kl_estimator not in ("k1", "k2", "k3"):
-            raise ConfigError(f"grpo.kl_estimator: {c.kl_estimator!r} is not one of k1, k2, k3")
-        if c.aggregation not in grpo_math.AGGREGATIONS:
-            raise ConfigError(f"grpo.aggregation: {c.aggregation!r} is not one of {', '.join(grpo_math.AGGREGATIONS)}")
-        if c.kl_coef < 0:
-            raise ConfigError(f"grpo.kl_coef: {c.kl_coef} < 0")
-        return c
+    def check(self, where: str = "grpo.") -> None:
+        where = where or "grpo."
+        super().check(where)
+        if self.group_size < 2:
+            raise ConfigError(f"{where}group_size: {self.group_size}, must be >= 2 (advantages are relative to the "
+                              "group)")
+        if self.epochs < 1 or self.minibatches < 1:
+            raise ConfigError(f"{where}epochs and {where}minibatches must be >= 1")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ConfigError(f"{where}clip_low / clip_high: {self.clip_low} / {self.clip_high} (need 0 <= clip_low "
+                              "< 1, clip_high >= 0)")
+        if self.kl_coef < 0:
+            raise ConfigError(f"{where}kl_coef: {self.kl_coef} < 0")
 
 
-DEFAULTS = stage_defaults(
-    data={
-        "prompt_files": [], "prompts": [], "prompt_ids": [], "template": "chinese-alpaca-2",
-        "max_prompt_length": 256, "max_prompts": None, "on_error": "skip",
-    },
-    grpo=dataclasses.asdict(GRPOConfig()),
-    train={"steps": 100, "batch_size": 8, "lr": 1e-5, "schedule": "linear", "warmup_ratio": 0.0,
-           "min_lr_ratio": 0.0, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "log_every": 1, "eval_every": 0,
-           "checkpoint_every": 20},
-)
+@dataclass
+class GRPOConfig(RolloutConfig):
+    grpo: GRPOOptions = field(default_factory=GRPOOptions, metadata={"doc": "GRPO: reward, groups, loss, KL"})
+    train: TrainSection = field(default_factory=rl_train,
+                                metadata={"doc": "optimizer, schedule, logging (batch_size: prompts per step)"})
+
 
 TIMING_FIELDS = ("iter_time_s", "rollout_time_s", "update_time_s", "tokens_per_sec")
 
@@ -133,27 +89,27 @@ class GRPOTrainer(RolloutTrainer):
 
     section = task = "grpo"
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: GRPOConfig):
         self.cfg = cfg
-        self.gc = GRPOConfig.from_section(cfg["grpo"])
-        tc = cfg["train"]
+        self.gc = cfg.grpo
+        tc = cfg.train
         self.G = self.gc.group_size
-        prompts_per_step = int(tc["batch_size"])
-        if int(tc["grad_accum"]) != 1:
+        prompts_per_step = tc.batch_size
+        if tc.grad_accum != 1:
             raise ConfigError("grpo: train.grad_accum must be 1 (GRPO splits the rollout with grpo.minibatches)")
         if prompts_per_step % jax.process_count():
             raise ConfigError(f"train.batch_size={prompts_per_step} must be divisible by {jax.process_count()} processes")
         if (prompts_per_step * self.G) % self.gc.minibatches:
             raise ConfigError(f"grpo.minibatches={self.gc.minibatches} must divide train.batch_size x "
                               f"grpo.group_size = {prompts_per_step * self.G}")
-        if cfg["lora"]["enabled"] and float(cfg["lora"]["dropout"]) > 0:
+        if cfg.lora.enabled and cfg.lora.dropout > 0:
             raise ConfigError("grpo: lora.dropout must be 0 (dropout makes the rollout and update log-probs differ)")
         prompts, policy, rm = self._load(cfg)
         pol_params = self._attach_policy(policy, rm)
         ids, mask = self._set_shapes(prompts, prompts_per_step * self.G)
         self._prompt_batches(ids, mask, prompts_per_step)
         self.updates_per_step = self.gc.epochs * self.gc.minibatches
-        self.tx, self.lr_fn = make_optimizer({**tc, "steps": int(tc["steps"]) * self.updates_per_step}, pol_params)
+        self.tx, self.lr_fn = make_optimizer(tc.replace(steps=tc.steps * self.updates_per_step), pol_params)
         self._init_params = pol_params
         self._build_fns()
 
@@ -289,12 +245,11 @@ class GRPOTrainer(RolloutTrainer):
 
 
 def run(config_path, out: str | None = None, overrides=()) -> dict:
-    cfg = load_config(DEFAULTS, config_path, list(overrides))
-    return run_config(cfg, out)
+    return run_config(load_config(GRPOConfig, config_path, list(overrides)), out)
 
 
-def run_config(cfg: dict, out: str | None = None) -> dict:
-    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-grpo").absolute()
+def run_config(cfg: GRPOConfig, out: str | None = None) -> dict:
+    run_dir = Path(out).absolute() if out else cfg.default_run_dir("grpo")
     trainer = GRPOTrainer(cfg)
     gc = trainer.gc
     print(f"grpo: {trainer.n_prompts} prompts (padded to {trainer.P} tokens), {trainer.prompts_per_step} prompts x "

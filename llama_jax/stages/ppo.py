@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -31,86 +32,63 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .. import lora
 from ..rl import ppo_math
+from ..rl.reward_model import score_model_from_lm
 from ..rl.rollout import get_reward_fn, make_experience_fn, response_logprobs, response_values
-from ..train.config import ConfigError, load_config, stage_defaults
-from ..train.loop import TrainingError, init_opt_state, on_mesh, opt_state_shardings
-from ..train.optim import count_params, make_optimizer
-from .common import build_model
-from .rl_common import RolloutTrainer, load_prompts, with_init  # noqa: F401  (load_prompts: public here too)
+from ..train.config import ConfigError, TrainSection, load_config, opt
+from ..train.optim import count_params, init_opt_state, make_optimizer, on_mesh, opt_state_shardings
+from ..train.run import TrainingError, build_model
+from .rl_common import RolloutConfig, RolloutOptions, RolloutTrainer, load_prompts, rl_train  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = stage_defaults(
-    data={
-        "prompt_files": [],        # json/jsonl: alpaca, sharegpt or preference records; the prompt is used
-        "prompts": [],             # inline user messages (rendered with the template)
-        "prompt_ids": [],          # inline token-id prompts (toy tasks; no tokenizer needed)
-        "template": "chinese-alpaca-2",
-        "max_prompt_length": 256,  # longer prompts are skipped (counted), never cut
-        "max_prompts": None,
-        "on_error": "skip",
-    },
-    ppo={
-        "reward_model": None,      # HF / llama_jax dir of a head='score' model (frozen) ...
-        "reward_fn": None,         # ... or a registered reward function (rl.rollout.REWARDS) / "module:fn"
-        "reward_fn_args": {},      # given: reward_fn names a factory, called with these keyword arguments once
-        "reward_offset": "auto",   # subtracted from RM scores; auto = the RM dir's reward_offset (llama-jax rm), else 0
-        "value_model": None,       # critic init; default: the reward model, else the policy + zero head
-        "critic_lora": None,       # LoRA critic (value head trained in full); default: lora.enabled
-        "critic_lr": None,         # default: train.lr
-        "max_new_tokens": 64,
-        "temperature": 0.7,
-        "epochs": 4,
-        "minibatches": 1,
-        "gamma": 1.0,
-        "lam": 0.95,
-        "clip": 0.2,
-        "value_clip": 0.2,
-        "vf_coef": 0.1,
-        "ent_coef": 0.0,
-        "kl_estimator": "k1",      # k1 | k2 | k3
-        "kl_coef": 0.05,           # beta (initial beta when adaptive)
-        "adaptive_kl": False,
-        "kl_target": 6.0,
-        "kl_horizon": 10000,
-        "whiten_rewards": False,
-        "missing_eos_score": -1.0,  # score of a response with no EOS within max_new_tokens; null = keep
-        "score_clip": None,         # clip the (normalised) sequence score to [-c, c] (reward-model outliers)
-        "check_fn": None,           # a reward function evaluated on the rollouts but never trained on, logged as
-        "check_fn_args": {},        # check_score: the RM score rising while check_score falls is reward hacking
-    },
-    train={"steps": 100, "batch_size": 16, "lr": 1e-5, "schedule": "linear", "warmup_ratio": 0.0,
-           "min_lr_ratio": 0.0, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "log_every": 1, "eval_every": 0,
-           "checkpoint_every": 20},
-)
+
+@dataclass
+class PPOOptions(RolloutOptions):
+    value_model: str | None = opt(None, "critic init; default: the reward model, else the policy + zero head")
+    critic_lora: bool | None = opt(None, "LoRA critic (value head trained in full); default: lora.enabled")
+    critic_lr: float | None = opt(None, "critic learning rate; default: train.lr")
+    temperature: float = opt(0.7, "sampling temperature (log-probs use the same)")
+    epochs: int = opt(4, "passes over one rollout batch")
+    minibatches: int = opt(1, "updates per pass (must divide train.batch_size)")
+    gamma: float = opt(1.0, "discount")
+    lam: float = opt(0.95, "GAE lambda")
+    clip: float = opt(0.2, "policy ratio clip")
+    value_clip: float = opt(0.2, "value clip")
+    vf_coef: float = opt(0.1, "value loss coefficient")
+    ent_coef: float = opt(0.0, "entropy bonus")
+    kl_estimator: str = opt("k1", "per-token KL estimate in the reward", ("k1", "k2", "k3"))
+    kl_coef: float = opt(0.05, "beta (the initial beta when adaptive)")
+    adaptive_kl: bool = opt(False, "adapt beta toward kl_target (Ziegler et al.)")
+    kl_target: float = opt(6.0, "adaptive KL target")
+    kl_horizon: float = opt(10000.0, "adaptive KL horizon")
+    whiten_rewards: bool = opt(False, "whiten the per-token rewards")
+    missing_eos_score: float | None = opt(-1.0, "score of a response with no EOS within max_new_tokens; null = keep")
+    score_clip: float | None = opt(None, "clip the (normalised) sequence score to [-c, c] (reward-model outliers)")
+    check_fn: str | None = opt(None, "a reward function evaluated on the rollouts but never trained on (check_score: "
+                               "the RM score rising while check_score falls is reward hacking)")
+    check_fn_args: dict = opt({}, "check_fn's factory arguments")
+
+    def check(self, where: str = "") -> None:
+        super().check(where)
+        if self.epochs < 1:
+            raise ConfigError(f"{where}epochs must be >= 1")
+        if self.minibatches < 1:
+            raise ConfigError(f"{where}minibatches must be >= 1")
+
+
+@dataclass
+class PPOConfig(RolloutConfig):
+    ppo: PPOOptions = field(default_factory=PPOOptions, metadata={"doc": "PPO: reward, rollouts, losses, KL"})
+    train: TrainSection = field(default_factory=lambda: rl_train(batch_size=16),
+                                metadata={"doc": "optimizer, schedule, logging (batch_size: rollouts per step)"})
+
 
 TIMING_FIELDS = ("iter_time_s", "rollout_time_s", "tokens_per_sec")
 
 
 # ----------------------------------------------------------------------------- models
-def _value_model_from_lm(lm, mesh=None):
-    """A head='score' copy of an LM's backbone with a zero value head (values start at 0, so
-    the first value losses are the returns' scale, not a random head's)."""
-    from ..model import abstract_model
-    from ..sharding import named_sharding
-
-    graphdef, abstract = nnx.split(abstract_model(lm.config, head="score", mesh=mesh))
-    src = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(lm, nnx.Param))}
-    flat = []
-    for path, v in nnx.to_flat_state(abstract):
-        key = tuple(map(str, path))
-        if key in src:
-            val = jnp.copy(src[key].get_value())  # a copy: the critic's trainables are donated
-        else:
-            shape, dtype = v.get_value().shape, v.get_value().dtype
-            val = jnp.zeros(shape, dtype)
-            if mesh is not None:
-                val = jax.device_put(val, named_sharding(mesh, v.axes, shape))
-        flat.append((path, v.replace(val)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 def _share_frozen(score_model):
     """A second model over the same weight buffers, except the value head, which is copied: it is
     the one leaf of a LoRA critic that trains (its buffer is donated to the update, the others
@@ -121,10 +99,10 @@ def _share_frozen(score_model):
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def critic_lora(cfg) -> bool:
+def critic_lora(cfg: PPOConfig) -> bool:
     """Whether the critic trains LoRA factors (+ its value head) or in full."""
-    v = cfg["ppo"]["critic_lora"]
-    return bool(cfg["lora"]["enabled"]) if v is None else bool(v)
+    v = cfg.ppo.critic_lora
+    return cfg.lora.enabled if v is None else v
 
 
 class PPOTrainer(RolloutTrainer):
@@ -133,21 +111,21 @@ class PPOTrainer(RolloutTrainer):
 
     section = task = "ppo"
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: PPOConfig):
         self.cfg = cfg
-        pc, tc = cfg["ppo"], cfg["train"]
+        pc, tc = cfg.ppo, cfg.train
         self._check(cfg)
         prompts, policy, rm = self._load(cfg)
         mesh, V = self.mesh, self.config.vocab_size
         # -- critic from the value model, the RM or the policy's backbone (built before LoRA is attached)
-        critic_src = pc["value_model"] or pc["reward_model"]
+        critic_src = pc.value_model or pc.reward_model
         crit_lora = critic_lora(cfg)
-        if critic_src and crit_lora and critic_src == pc["reward_model"]:
+        if critic_src and crit_lora and critic_src == pc.reward_model:
             critic = _share_frozen(rm)  # a LoRA critic on the RM: no second copy of the RM's base
         elif critic_src:
-            critic = build_model(with_init(cfg, critic_src), mesh, None, head="score")
-        else:
-            critic = _value_model_from_lm(policy, mesh)
+            critic = build_model(cfg.with_model(critic_src), mesh, None, head="score")
+        else:  # the policy's backbone (copied: the critic's trainables are donated) with a zero value head
+            critic = score_model_from_lm(policy, copy=True, mesh=mesh)
         if critic.config.vocab_size != V:
             raise ConfigError(f"ppo: the value model has vocab_size {critic.config.vocab_size}, the policy {V}: "
                               "they must share the tokenizer")
@@ -155,15 +133,15 @@ class PPOTrainer(RolloutTrainer):
         pol_params, crit_params = self._attach_models(policy, critic, crit_lora, rm)
 
         # -- data: left-padded to one length, step-indexed like every other stage
-        ids, mask = self._set_shapes(prompts, int(tc["batch_size"]))
+        ids, mask = self._set_shapes(prompts, tc.batch_size)
         self._prompt_batches(ids, mask, self.B)
         self._optimizers(pol_params, crit_params)
         self._init_params = (pol_params, crit_params)
-        self.check_fn = get_reward_fn(pc["check_fn"], pc["check_fn_args"]) if pc["check_fn"] else None
+        self.check_fn = get_reward_fn(pc.check_fn, pc.check_fn_args) if pc.check_fn else None
         self._build_fns()
 
     @classmethod
-    def abstract(cls, cfg: dict, mesh, policy, critic, rm, prompt_length: int) -> "PPOTrainer":
+    def abstract(cls, cfg: PPOConfig, mesh, policy, critic, rm, prompt_length: int) -> "PPOTrainer":
         """A trainer over abstract models (nnx.eval_shape; leaves ShapeDtypeStructs carrying their
         shardings) and no data, for the planner (`llama_jax.plan`): the same LoRA, splits,
         optimizers and jitted pieces as a real run, with prompts of `prompt_length` tokens.
@@ -175,7 +153,7 @@ class PPOTrainer(RolloutTrainer):
         self.reward_offset, self.check_fn = 0.0, None
         self._set_reward_fn()
         pol_params, crit_params = self._attach_models(policy, critic, critic_lora(cfg), rm)
-        self._set_shapes([[0] * int(prompt_length)], int(cfg["train"]["batch_size"]))
+        self._set_shapes([[0] * int(prompt_length)], cfg.train.batch_size)
         self.n_prompts, self.batches = 0, None
         self._optimizers(pol_params, crit_params)
         self._init_params = None
@@ -186,14 +164,12 @@ class PPOTrainer(RolloutTrainer):
     def _attach_models(self, policy, critic, critic_lora: bool, rm):
         """LoRA on the policy (and the critic), the trainable / frozen splits, the reference store."""
         cfg = self.cfg
-        tc, lc = cfg["train"], cfg["lora"]
+        lc = cfg.lora
         pol_params = self._attach_policy(policy, rm)
         crit_filter = nnx.Param
         if critic_lora:
-            from .. import lora
-
-            lora.apply(critic, rank=int(lc["rank"]), alpha=float(lc["alpha"]), targets=tuple(lc["targets"]),
-                       dropout=0.0, trainable_modules=("score",), seed=int(tc["seed"]))
+            lora.apply(critic, rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets), dropout=0.0,
+                       trainable_modules=("score",), seed=cfg.train.seed)
             crit_filter = lora.trainable_filter(critic)
         self.critic_graphdef, crit_params, self.critic_frozen = nnx.split(critic, crit_filter, ...)
         self.n_critic_params = count_params(crit_params)
@@ -201,46 +177,37 @@ class PPOTrainer(RolloutTrainer):
 
     def _optimizers(self, pol_params, crit_params):
         """Policy and critic AdamW; the schedule runs over every minibatch update."""
-        pc, tc = self.cfg["ppo"], self.cfg["train"]
-        n_updates = int(tc["steps"]) * int(pc["epochs"]) * int(pc["minibatches"])
-        self.tx, self.lr_fn = make_optimizer({**tc, "steps": n_updates}, pol_params)
-        clr = tc["lr"] if pc["critic_lr"] is None else pc["critic_lr"]
+        pc, tc = self.cfg.ppo, self.cfg.train
+        n_updates = tc.steps * pc.epochs * pc.minibatches
+        self.tx, self.lr_fn = make_optimizer(tc.replace(steps=n_updates), pol_params)
+        clr = tc.lr if pc.critic_lr is None else pc.critic_lr
         self.ctx, self.critic_lr_fn = make_optimizer(
-            {**tc, "steps": n_updates, "lr": clr, "lora_lr": clr if pc["critic_lr"] is not None else tc["lora_lr"]},
-            crit_params)
-        self.updates_per_step = int(pc["epochs"]) * int(pc["minibatches"])
+            tc.replace(steps=n_updates, lr=clr, lora_lr=clr if pc.critic_lr is not None else tc.lora_lr), crit_params)
+        self.updates_per_step = pc.epochs * pc.minibatches
 
     @staticmethod
-    def _check(cfg):
-        pc, tc, lc = cfg["ppo"], cfg["train"], cfg["lora"]
-        if bool(pc["reward_model"]) == bool(pc["reward_fn"]):
-            raise ConfigError("ppo: give exactly one of ppo.reward_model (a score model) and ppo.reward_fn")
-        if int(tc["grad_accum"]) != 1:
+    def _check(cfg: PPOConfig):
+        pc, tc, lc = cfg.ppo, cfg.train, cfg.lora
+        if tc.grad_accum != 1:
             raise ConfigError("ppo: train.grad_accum must be 1 (PPO splits the rollout with ppo.minibatches)")
-        B, mb = int(tc["batch_size"]), int(pc["minibatches"])
-        if mb < 1 or B % mb:
+        B, mb = tc.batch_size, pc.minibatches
+        if B % mb:
             raise ConfigError(f"ppo.minibatches={mb} must divide train.batch_size={B}")
         if B % jax.process_count():
             raise ConfigError(f"train.batch_size={B} must be divisible by {jax.process_count()} processes")
-        if not float(pc["temperature"]) > 0:
-            raise ConfigError("ppo.temperature must be > 0 (sampling; log-probs use the same temperature)")
-        if int(pc["epochs"]) < 1 or int(pc["max_new_tokens"]) < 1:
-            raise ConfigError("ppo.epochs and ppo.max_new_tokens must be >= 1")
-        if lc["enabled"] and float(lc["dropout"]) > 0:
+        if lc.enabled and lc.dropout > 0:
             raise ConfigError("ppo: lora.dropout must be 0 (dropout makes the rollout and update log-probs "
                               "differ: the ratio is no longer 1 before an update)")
-        if pc["kl_estimator"] not in ("k1", "k2", "k3"):
-            raise ConfigError(f"ppo.kl_estimator: {pc['kl_estimator']!r} is not one of k1, k2, k3")
 
     # ------------------------------------------------------------------------- jitted pieces
     def _build_fns(self):
-        pc = self.cfg["ppo"]
-        T, N = float(pc["temperature"]), self.N
+        pc = self.cfg.ppo
+        T, N = pc.temperature, self.N
         self.experience_fn = make_experience_fn(self.policy_graphdef, self.critic_graphdef, self.rm_graphdef,
                                                 temperature=T, eos_ids=self.eos_ids)
-        ctl = ppo_math.KLController(bool(pc["adaptive_kl"]), float(pc["kl_target"]), float(pc["kl_horizon"]))
-        kind, miss, sclip = pc["kl_estimator"], pc["missing_eos_score"], pc["score_clip"]
-        gamma, lam, B = float(pc["gamma"]), float(pc["lam"]), self.B
+        ctl = ppo_math.KLController(pc.adaptive_kl, pc.kl_target, pc.kl_horizon)
+        kind, miss, sclip = pc.kl_estimator, pc.missing_eos_score, pc.score_clip
+        gamma, lam, B = pc.gamma, pc.lam, self.B
 
         def advantages(exp, scores, beta):
             mask = exp["mask"]
@@ -251,7 +218,7 @@ class PPOTrainer(RolloutTrainer):
                 scores = jnp.where(exp["has_eos"], scores, jnp.float32(miss))
             kl = ppo_math.kl_estimate(exp["logprobs"], exp["ref_logprobs"], kind) * mask
             rewards, non_score = ppo_math.token_rewards(scores, kl, mask, beta)
-            if pc["whiten_rewards"]:
+            if pc.whiten_rewards:
                 rewards = ppo_math.whiten(rewards, mask, shift_mean=False)
             adv, ret = ppo_math.gae(rewards, exp["values"], mask, gamma, lam)
             seq_kl = jnp.sum(kl, axis=-1)
@@ -274,9 +241,9 @@ class PPOTrainer(RolloutTrainer):
         self.advantages_fn = jax.jit(advantages)
 
         pol_gd, crit_gd = self.policy_graphdef, self.critic_graphdef
-        clip, vclip = float(pc["clip"]), float(pc["value_clip"])
-        vf_coef, ent_coef = float(pc["vf_coef"]), float(pc["ent_coef"])
-        E, M = int(pc["epochs"]), int(pc["minibatches"])
+        clip, vclip = pc.clip, pc.value_clip
+        vf_coef, ent_coef = pc.vf_coef, pc.ent_coef
+        E, M = pc.epochs, pc.minibatches
         tx, ctx = self.tx, self.ctx
 
         def pol_loss(p, frz, mb):
@@ -340,7 +307,7 @@ class PPOTrainer(RolloutTrainer):
               "opt_state": init_opt_state(self.tx, pol, sh["params"], mesh),
               "nonfinite": jnp.zeros((), jnp.int32), "critic_params": crit,
               "critic_opt_state": init_opt_state(self.ctx, crit, sh["critic_params"], mesh),
-              "beta": jnp.asarray(float(self.cfg["ppo"]["kl_coef"]), jnp.float32)}
+              "beta": jnp.asarray(self.cfg.ppo.kl_coef, jnp.float32)}
         st = jax.device_put(st, self.shardings)
         fix = lambda t: jax.device_put(t, jax.tree.map(lambda x: on_mesh(x, mesh), t))
         self.policy_frozen, self.critic_frozen = fix(self.policy_frozen), fix(self.critic_frozen)
@@ -429,17 +396,16 @@ class PPOTrainer(RolloutTrainer):
 
 
 def run(config_path, out: str | None = None, overrides=()) -> dict:
-    cfg = load_config(DEFAULTS, config_path, list(overrides))
-    return run_config(cfg, out)
+    return run_config(load_config(PPOConfig, config_path, list(overrides)), out)
 
 
-def run_config(cfg: dict, out: str | None = None) -> dict:
-    run_dir = Path(out or f"runs/{Path(cfg.get('_config_dir', '.')).name}-ppo").absolute()
+def run_config(cfg: PPOConfig, out: str | None = None) -> dict:
+    run_dir = Path(out).absolute() if out else cfg.default_run_dir("ppo")
     trainer = PPOTrainer(cfg)
     print(f"ppo: {trainer.n_prompts} prompts (padded to {trainer.P} tokens), {trainer.B} rollouts x "
           f"{trainer.N} new tokens per step; policy {'LoRA' if trainer.lora else 'full'} "
           f"({trainer.n_policy_params:,} trainable), critic {trainer.n_critic_params:,} trainable; "
-          f"reward {cfg['ppo']['reward_model'] or cfg['ppo']['reward_fn']}"
+          f"reward {cfg.ppo.reward_model or cfg.ppo.reward_fn}"
           + (f" (offset {trainer.reward_offset:g})" if trainer.reward_offset else ""))
     result = trainer.run(run_dir)
     result["run_dir"] = str(run_dir)

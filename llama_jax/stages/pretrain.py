@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -15,20 +16,36 @@ from ..data.packing import tokenizer_fingerprint
 from ..data.shards import (MixtureBatches, PackedView, TokenizeConfig, TokenShards, source_fingerprint,
                            tokenize_corpus, tokenizer_path)
 from ..data.sources import DataError, expand
-from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
+from ..train.config import ConfigError, RunConfig, Section, load_config, opt
 from ..train.loop import Task
+from ..train.run import barrier
 from .common import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = stage_defaults(data={
-    "train_files": [], "eval_files": [], "eval_fraction": 0.05, "text_field": "text", "block_size": 512,
-    "num_proc": 1, "segment_aware": True, "append_eos": True, "cache_dir": None, "max_documents": None,
-    "eval_sets": {},  # {name: [text files]}: each logged as eval_<name>_loss / _ppl / _bpc (forgetting)
-    # token shards (docs/data.md): a `llama-jax data tokenize` directory instead of train_files, or a
-    # weighted mixture [{files: [...] | shards: DIR, weight: W, text_field: F}, ...]
-    "shards": None, "mixture": [], "on_bad_utf8": "skip", "chunk_mb": 64,
-})
+
+@dataclass
+class PretrainData(Section):
+    train_files: list[str] = opt([], "text files (txt / json / jsonl / parquet, globs) to train on")
+    eval_files: list[str] = opt([], "held-out text files (default: the last data.eval_fraction of the documents)")
+    eval_fraction: float = opt(0.05, "documents held out when there are no eval_files")
+    text_field: str = opt("text", "the text field of json / jsonl / parquet records")
+    block_size: int = opt(512, "tokens per packed row")
+    num_proc: int = opt(1, "tokenizer processes")
+    segment_aware: bool = opt(True, "attention and positions restart at each document in a row")
+    append_eos: bool = opt(True, "EOS after each document")
+    cache_dir: str | None = opt(None, "token shards cache (default: RUN_DIR/cache)")
+    max_documents: int | None = opt(None, "use at most this many documents per source")
+    eval_sets: dict = opt({}, "{name: [text files]}: each logged as eval_<name>_loss / _ppl / _bpc (forgetting)")
+    shards: str | None = opt(None, "a `llama-jax data tokenize` directory instead of train_files")
+    mixture: list[dict] = opt([], "weighted sources [{files: [...] | shards: DIR, weight: W, text_field: F}]")
+    on_bad_utf8: str = opt("skip", "undecodable bytes in a text file", ("skip", "error"))
+    chunk_mb: float = opt(64.0, "tokenisation chunk size (MB of text)")
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    data: PretrainData = field(default_factory=PretrainData, metadata={"doc": "the corpus"})
 
 
 def lm_loss(model, batch, segment_aware: bool):
@@ -43,48 +60,48 @@ def lm_loss(model, batch, segment_aware: bool):
     return token_cross_entropy(logits, next_token(tokens), w)
 
 
-def make_loss(cfg):
+def make_loss(cfg: PretrainConfig):
     """The Task's loss_fn(model, batch, rng) -> (loss_sum, weight, aux) for this config."""
-    seg_aware = bool(cfg["data"]["segment_aware"])
+    seg_aware = cfg.data.segment_aware
     return lambda m, b, rng: (*lm_loss(m, b, seg_aware), {})
 
 
-def batch_spec(cfg, batch: int, seq: int | None = None) -> dict:
+def batch_spec(cfg: PretrainConfig, batch: int, seq: int | None = None) -> dict:
     """Shapes and dtypes of a global training batch (what MixtureBatches over PackedViews yields)."""
-    T = int(seq or cfg["data"]["block_size"])
+    T = int(seq or cfg.data.block_size)
     return {k: jax.ShapeDtypeStruct((batch, T), jnp.int32) for k in ("tokens", "segments", "positions")}
 
 
-def build_task(cfg, tok, model, run_dir: Path):
-    dc, tc = cfg["data"], cfg["train"]
-    T = int(dc["block_size"])
+def build_task(cfg: PretrainConfig, tok, model, run_dir: Path):
+    dc, tc = cfg.data, cfg.train
+    T = dc.block_size
     if T > model.config.max_position_embeddings:
         raise ConfigError(f"data.block_size={T} exceeds the model's max_position_embeddings="
                           f"{model.config.max_position_embeddings}")
-    cache = resolve_path(cfg, dc["cache_dir"]) or str(run_dir / "cache")
-    G = int(tc["batch_size"])
-    bos, eos = getattr(tok, "bos_token_id", None), (getattr(tok, "eos_token_id", None) if dc["append_eos"] else None)
-    for i, m in enumerate(dc["mixture"] or []):
+    cache = cfg.path(dc.cache_dir) or str(run_dir / "cache")
+    G = tc.batch_size
+    bos, eos = getattr(tok, "bos_token_id", None), (getattr(tok, "eos_token_id", None) if dc.append_eos else None)
+    for i, m in enumerate(dc.mixture):
         bad = set(m) - {"files", "shards", "weight", "text_field"} if isinstance(m, dict) else {"<not a mapping>"}
         if bad or not (m.get("files") or m.get("shards")):
             raise ConfigError(f"data.mixture[{i}]: expected {{files: [...] | shards: DIR, weight: W, text_field: F}}, "
                               f"got {m!r}")
-    if dc["mixture"]:
-        srcs = [(m.get("shards") or m.get("files"), float(m.get("weight", 1.0)), m.get("text_field", dc["text_field"]))
-                for m in dc["mixture"]]
+    if dc.mixture:
+        srcs = [(m.get("shards") or m.get("files"), float(m.get("weight", 1.0)), m.get("text_field", dc.text_field))
+                for m in dc.mixture]
     else:
-        train = dc["shards"] or dc["train_files"]
+        train = dc.shards or dc.train_files
         if not train:
             raise ConfigError("data.train_files: no training data given")
-        srcs = [(train, 1.0, dc["text_field"])]
+        srcs = [(train, 1.0, dc.text_field)]
     views, held, names = [], [], []
     for spec, weight, field_ in srcs:
         shards = open_shards(cfg, tok, spec, field_, cache)
-        n = shards.num_docs if not dc["max_documents"] else min(shards.num_docs, int(dc["max_documents"]))
-        if dc["eval_files"]:
+        n = shards.num_docs if not dc.max_documents else min(shards.num_docs, dc.max_documents)
+        if dc.eval_files:
             n_eval = 0
         else:  # hold out the last documents
-            n_eval = max(1, int(n * float(dc["eval_fraction"])))
+            n_eval = max(1, int(n * dc.eval_fraction))
             if n_eval >= n:
                 raise DataError(f"{spec}: {n} document(s) are too few to hold out an eval set")
             held.append(PackedView(shards, T, bos, eos, n - n_eval, n))
@@ -92,57 +109,54 @@ def build_task(cfg, tok, model, run_dir: Path):
         names.append(f"{shards.path.name}: {n - n_eval} docs -> {len(views[-1][0])} blocks")
         if len(views[-1][0]) < G and len(srcs) == 1:
             raise DataError(f"{spec}: only {len(views[-1][0])} blocks of {T} tokens for a batch of {G}")
-    if dc["eval_files"]:
-        ev = open_shards(cfg, tok, dc["eval_files"], dc["text_field"], cache)
+    if dc.eval_files:
+        ev = open_shards(cfg, tok, dc.eval_files, dc.text_field, cache)
         held = [PackedView(ev, T, bos, eos)]
     # eval: the leading rows of each held-out view, up to eval_batches global batches in all
-    want, parts = int(tc["eval_batches"]) * G, []
+    want = (tc.eval_batches * G) if tc.eval_batches is not None else sum(len(v) for v in held)
+    parts = []
     for v in held:
         k = min(len(v), want - sum(len(p["tokens"]) for p in parts))
         if k > 0:
             parts.append(v.rows(range(k)))
-    batches = MixtureBatches(views, G, int(tc["seed"]), jax.process_index(), jax.process_count())
+    batches = MixtureBatches(views, G, tc.seed, jax.process_index(), jax.process_count())
     eval_list = eval_batches({key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, G,
-                             tc["eval_batches"]) if parts else []
+                             tc.eval_batches) if parts else []
     blocks = sum(len(v) for v, _ in views)
     print(f"pretrain data: {'; '.join(names)}; eval {len(eval_list)} batch(es) of {G}")
     return Task(name="pretrain", loss_fn=make_loss(cfg), train=batches,
                 eval_batches=eval_list, flops_per_token=flops_per_token(model.config, T), tokens_per_row=T,
                 extra_meta={"blocks": blocks},
-                eval_sets=text_eval_sets(cfg, tok, T, G, cache, dc["text_field"]))
+                eval_sets=text_eval_sets(cfg, tok, T, G, cache, dc.text_field))
 
 
-def open_shards(cfg, tok, spec, text_field: str, cache: str) -> TokenShards:
+def open_shards(cfg: PretrainConfig, tok, spec, text_field: str, cache: str) -> TokenShards:
     """Token shards for `spec`: a `llama-jax data tokenize` directory (checked against the run's
     tokenizer), or text files tokenised once into `cache`/shards-<key> (resumable, reused)."""
-    specs = [resolve_path(cfg, f) for f in (spec if isinstance(spec, list) else [spec])]
+    specs = cfg.paths(spec if isinstance(spec, list) else [spec])
     if len(specs) == 1 and os.path.isdir(specs[0]):
         return TokenShards(specs[0], tok)
     files = expand(specs)
     for f in files:
         if not os.path.isfile(f):
             raise DataError(f"{f}: data file not found")
-    dc = cfg["data"]
+    dc = cfg.data
     key = hashlib.sha256(json.dumps([[source_fingerprint(f) for f in files], tokenizer_fingerprint(tok), text_field,
-                                     float(dc["chunk_mb"]), dc["on_bad_utf8"]]).encode()).hexdigest()[:16]
+                                     float(dc.chunk_mb), dc.on_bad_utf8]).encode()).hexdigest()[:16]
     out = Path(cache) / f"shards-{key}"
     if jax.process_index() == 0:
         tokenize_corpus(files, tokenizer_path(tok), out, TokenizeConfig(
-            text_field=text_field, num_proc=int(dc["num_proc"]), chunk_mb=float(dc["chunk_mb"]),
-            on_bad_utf8=dc["on_bad_utf8"]), progress=bool(cfg["train"].get("progress", True)))
-    if jax.process_count() > 1:
-        # the other hosts wait for process 0's shards (a shared filesystem is assumed, as for checkpoints);
-        # a barrier rather than polling for the manifest: if process 0 fails, the coordinator ends the wait
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"token shards {out.name}")
+            text_field=text_field, num_proc=dc.num_proc, chunk_mb=dc.chunk_mb,
+            on_bad_utf8=dc.on_bad_utf8), progress=cfg.train.progress)
+    # the other hosts wait for process 0's shards (a shared filesystem is assumed, as for checkpoints);
+    # a barrier rather than polling for the manifest: if process 0 fails, the coordinator ends the wait
+    barrier(f"token shards {out.name}")
     return TokenShards(out, tok)
 
 
 def run(config_path, out: str | None = None, overrides=()) -> dict:
-    cfg = load_config(DEFAULTS, config_path, list(overrides))
-    return run_config(cfg, out)
+    return run_config(load_config(PretrainConfig, config_path, list(overrides)), out)
 
 
-def run_config(cfg: dict, out: str | None = None) -> dict:
+def run_config(cfg: PretrainConfig, out: str | None = None) -> dict:
     return run_stage(cfg, out, "pretrain", build_task)

@@ -18,7 +18,7 @@ logs exactly what an uninterrupted one does.
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -33,37 +33,83 @@ from ..data.sources import DataError
 from ..data.templates import generation_prompt_ids, get_template
 from ..generate import left_pad
 from ..rl.rollout import get_reward_fn, reference_store, sample_responses
-from ..train.config import ConfigError, resolve_path
-from ..train.loop import MetricsWriter, TrainingError, _to_global
+from ..sharding import host_batch_to_global
+from ..train.config import ON_ERROR, ConfigError, RunConfig, Section, TrainSection, opt
 from ..train.optim import count_params
-from .common import build_mesh, build_model, build_tokenizer, check_vocab
+from ..train.run import RunDir, TrainingError, build_mesh, build_model, build_tokenizer, check_vocab, trainable_filter
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class PromptData(Section):
+    prompt_files: list[str] = opt([], "json / jsonl: alpaca, sharegpt or preference records; their prompts are used")
+    prompts: list[str] = opt([], "inline user messages (rendered with the template)")
+    prompt_ids: list[list[int]] = opt([], "inline token-id prompts (toy tasks; no tokenizer needed)")
+    template: str = opt("chinese-alpaca-2", "chat template (llama2-chat, chinese-alpaca-2, alpaca, tokenizer)")
+    max_prompt_length: int = opt(256, "longer prompts are skipped (counted), never cut")
+    max_prompts: int | None = opt(None, "use at most this many prompts")
+    on_error: str = opt("skip", "a bad record: skip (counted) or error (stop, naming file, record and field)", ON_ERROR)
+
+
+@dataclass
+class RolloutOptions(Section):
+    """What PPO's and GRPO's sections share: the reward and the sampling."""
+    reward_model: str | None = opt(None, "HF / llama_jax dir of a head='score' model (frozen) ...")
+    reward_fn: str | None = opt(None, "... or a registered reward function (rl.rollout.REWARDS) / 'module:fn'")
+    reward_fn_args: dict = opt({}, "given: reward_fn names a factory, called with these keyword arguments once")
+    reward_offset: float | str | None = opt("auto", "subtracted from RM scores; auto = the RM dir's reward_offset "
+                                            "(llama-jax rm), else 0")
+    max_new_tokens: int = opt(64, "tokens sampled per response")
+    temperature: float = opt(1.0, "sampling temperature (log-probs use the same)")
+
+    def check(self, where: str = "") -> None:
+        name = where.rstrip(".") or "rollout"
+        if bool(self.reward_model) == bool(self.reward_fn):
+            raise ConfigError(f"{name}: give exactly one of {where}reward_model (a score model) and {where}reward_fn")
+        if isinstance(self.reward_offset, str) and self.reward_offset != "auto":
+            raise ConfigError(f"{where}reward_offset: {self.reward_offset!r} is not a number, null or auto")
+        if not self.temperature > 0:
+            raise ConfigError(f"{where}temperature must be > 0 (sampling; log-probs use the same temperature)")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{where}max_new_tokens must be >= 1")
+
+
+def rl_train(**changes) -> TrainSection:
+    """The RL stages' train defaults: one log record and no eval per iteration, linear decay."""
+    base = dict(steps=100, batch_size=8, lr=1e-5, schedule="linear", warmup_ratio=0.0, min_lr_ratio=0.0,
+                weight_decay=0.0, b1=0.9, b2=0.999, log_every=1, eval_every=0, checkpoint_every=20)
+    return TrainSection(**{**base, **changes})
+
+
+@dataclass
+class RolloutConfig(RunConfig):
+    data: PromptData = field(default_factory=PromptData, metadata={"doc": "the prompts"})
+    train: TrainSection = field(default_factory=rl_train, metadata={"doc": "optimizer, schedule, logging"})
 
 
 # ----------------------------------------------------------------------------- prompts
-def load_prompts(cfg, tok, task: str = "PPO") -> tuple[list[list[int]], Stats]:
+def load_prompts(cfg: RolloutConfig, tok, task: str = "PPO") -> tuple[list[list[int]], Stats]:
     """The prompts of a run config's `data` section as token ids, and the loading stats."""
-    dc = cfg["data"]
+    dc = cfg.data
     stats = Stats()
-    out = [list(map(int, p)) for p in dc["prompt_ids"]]
+    out = [list(map(int, p)) for p in dc.prompt_ids]
     stats.add("prompts", len(out))
-    if dc["prompts"] or dc["prompt_files"]:
+    if dc.prompts or dc.prompt_files:
         if tok is None:
             raise ConfigError("data.prompts / data.prompt_files need a tokenizer")
-        template = get_template(dc["template"])
-        convs = [Conversation(None, [(USER, str(t))]) for t in dc["prompts"]]
-        files = dc["prompt_files"] if isinstance(dc["prompt_files"], list) else [dc["prompt_files"]]
-        if files:
-            convs += [c for _, c in iter_records([resolve_path(cfg, f) for f in files], prompt_conversation,
-                                                 stats, dc["on_error"])]
+        template = get_template(dc.template)
+        convs = [Conversation(None, [(USER, str(t))]) for t in dc.prompts]
+        if dc.prompt_files:
+            convs += [c for _, c in iter_records(cfg.paths(dc.prompt_files), prompt_conversation, stats, dc.on_error)]
         for c in convs:
             ids = generation_prompt_ids(c, tok, template)
-            if len(ids) > int(dc["max_prompt_length"]):
+            if len(ids) > dc.max_prompt_length:
                 stats.add("skipped_too_long")
                 continue
             out.append(ids)
             stats.add("prompts")
-    if dc["max_prompts"]:
-        out = out[: int(dc["max_prompts"])]
+    if dc.max_prompts:
+        out = out[: dc.max_prompts]
     if not out:
         raise DataError(f"{task}: no prompts (data.prompt_files / data.prompts / data.prompt_ids)")
     if any(len(p) == 0 for p in out):
@@ -72,20 +118,15 @@ def load_prompts(cfg, tok, task: str = "PPO") -> tuple[list[list[int]], Stats]:
 
 
 # ----------------------------------------------------------------------------- helpers
-def with_init(cfg, init):
-    """The config with model.init replaced (to build the reward / value model from it)."""
-    return {**cfg, "model": {**cfg["model"], "init": init}}
-
-
-def reward_offset(cfg, section: str = "ppo") -> float:
-    """<section>.reward_offset: a number, null (0), or auto: the normalisation offset the RM stage
-    stores with an exported RM (config.json `reward_offset`, or reward_norm.json `offset`), else 0."""
-    v = cfg[section]["reward_offset"]
+def reward_offset(cfg: RunConfig, opts: RolloutOptions) -> float:
+    """reward_offset: a number, null (0), or auto: the normalisation offset the RM stage stores
+    with an exported RM (config.json `reward_offset`, or reward_norm.json `offset`), else 0."""
+    v = opts.reward_offset
     if v is None:
         return 0.0
     if v != "auto":
         return float(v)
-    d = Path(resolve_path(cfg, cfg[section]["reward_model"]))
+    d = Path(cfg.path(opts.reward_model))
     for name, key in (("config.json", "reward_offset"), ("reward_norm.json", "offset")):
         f = d / name
         if f.is_file():
@@ -116,18 +157,22 @@ def reference_store_of(trainable):
 class RolloutTrainer:
     """Base of PPOTrainer and GRPOTrainer: models, prompts, sampling, rewards and the loop shell."""
 
-    section = "ppo"  # the config section with reward_model / reward_fn / max_new_tokens / temperature ...
+    section = "ppo"  # the config section (a RolloutOptions) with the reward and sampling options
     task = "ppo"     # progress bar, checkpoint meta, messages
     progress_keys = ("score", "kl", "response_length")
 
+    @property
+    def opts(self) -> RolloutOptions:
+        return getattr(self.cfg, self.section)
+
     # ------------------------------------------------------------------------- construction
-    def _load(self, cfg):
+    def _load(self, cfg: RolloutConfig):
         """Mesh, tokenizer, prompts, the policy (before LoRA) and the reward model (or None)."""
-        rc = cfg[self.section]
+        rc = self.opts
         self.mesh = build_mesh(cfg)
         # token-id prompts need no tokenizer (toy tasks); text prompts do
-        need_tok = bool(cfg["data"]["prompts"] or cfg["data"]["prompt_files"])
-        self.tok = build_tokenizer(cfg) if need_tok or cfg.get("tokenizer") else None
+        need_tok = bool(cfg.data.prompts or cfg.data.prompt_files)
+        self.tok = build_tokenizer(cfg) if need_tok or cfg.tokenizer else None
         prompts, self.prompt_stats = load_prompts(cfg, self.tok, self.task.upper())
         policy = build_model(cfg, self.mesh, vocab_size=len(self.tok) if self.tok is not None else None)
         if self.tok is not None:
@@ -138,9 +183,9 @@ class RolloutTrainer:
         if bad:
             raise DataError(f"{self.task.upper()}: prompt ids outside the vocabulary [0, {V}): {bad[0]}")
         rm, self.reward_offset = None, 0.0
-        if rc["reward_model"]:
-            rm = build_model(with_init(cfg, rc["reward_model"]), self.mesh, None, head="score")
-            self.reward_offset = reward_offset(cfg, self.section)
+        if rc.reward_model:
+            rm = build_model(cfg.with_model(rc.reward_model), self.mesh, None, head="score")
+            self.reward_offset = reward_offset(cfg, rc)
             if rm.config.vocab_size != V:
                 raise ConfigError(f"{self.section}: the reward model has vocab_size {rm.config.vocab_size}, the "
                                   f"policy {V}: they must share the tokenizer")
@@ -148,34 +193,31 @@ class RolloutTrainer:
         return prompts, policy, rm
 
     def _set_reward_fn(self):
-        rc = self.cfg[self.section]
-        self.reward_fn = get_reward_fn(rc["reward_fn"], rc["reward_fn_args"]) if rc["reward_fn"] else None
+        rc = self.opts
+        self.reward_fn = get_reward_fn(rc.reward_fn, rc.reward_fn_args) if rc.reward_fn else None
 
     def _attach_policy(self, policy, rm):
         """LoRA on the policy (lora.enabled), its trainable / frozen split, the reference store and
         the reward model's split.  Returns the policy's trainable state."""
-        from .lora_setup import maybe_apply_lora
-
-        pol_filter = maybe_apply_lora(self.cfg, policy)
+        pol_filter = trainable_filter(self.cfg, policy)
         self.policy_graphdef, pol_params, self.policy_frozen = nnx.split(policy, pol_filter, ...)
         self.rm_graphdef, self.rm_state = nnx.split(rm) if rm is not None else (None, None)
         # reference = policy with LoRA off; only non-LoRA trainables (full FT) need a frozen copy
         self.ref_store = reference_store_of(pol_params)
         self.n_policy_params = count_params(pol_params)
-        self.lora = bool(self.cfg["lora"]["enabled"])
+        self.lora = self.cfg.lora.enabled
         return pol_params
 
     def _set_shapes(self, prompts, rollouts: int):
         """Pad id, EOS ids and the static shapes: P (padded prompt length), N (response), B (rollouts
         per step).  Returns the left-padded prompts (ids, mask)."""
-        rc = self.cfg[self.section]
         self.pad_id = next(x for x in (self.config.pad_token_id, getattr(self.tok, "pad_token_id", None), 0)
                            if x is not None)
         self.eos_ids = self.config.eos_token_ids
         if not self.eos_ids:
             raise ConfigError(f"{self.task.upper()}: the model config has no eos_token_id (responses could never end)")
         ids, mask = left_pad(prompts, self.pad_id)
-        self.P, self.N, self.B = ids.shape[1], int(rc["max_new_tokens"]), int(rollouts)
+        self.P, self.N, self.B = ids.shape[1], self.opts.max_new_tokens, int(rollouts)
         if self.P + self.N > self.config.max_position_embeddings and self.config.rope_type != "dynamic":
             raise ConfigError(f"prompt length {self.P} + {self.section}.max_new_tokens {self.N} exceeds the model's "
                               f"max_position_embeddings={self.config.max_position_embeddings}")
@@ -184,25 +226,25 @@ class RolloutTrainer:
     def _prompt_batches(self, ids, mask, per_step: int):
         self.n_prompts, self.prompts_per_step = len(ids), int(per_step)
         self.batches = StepIndexedBatches({"prompt_ids": ids, "prompt_mask": mask}, per_step,
-                                          int(self.cfg["train"]["seed"]), jax.process_index(), jax.process_count())
+                                          self.cfg.train.seed, jax.process_index(), jax.process_count())
 
     # ------------------------------------------------------------------------- rollouts
     def step_rng(self, step: int):
-        return jax.random.fold_in(jax.random.key(int(self.cfg["train"]["seed"])), step)
+        return jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
 
     def step_prompts(self, step: int, repeat: int = 1) -> dict:
         """Step `step`'s prompts as global arrays; each row `repeat` times in a row (a group)."""
         local = self.batches.batch(step)
         if repeat > 1:
             local = {k: np.repeat(np.asarray(v), repeat, axis=0) for k, v in local.items()}
-        return _to_global(local, self.mesh, 0)
+        return host_batch_to_global(local, self.mesh)
 
     def sample(self, st, prompts: dict, rng):
         """Responses [B, N] sampled from the current policy at <section>.temperature."""
         state = nnx.merge_state(st["params"], self.policy_frozen)
         return sample_responses(self.policy_graphdef, state, self.config, prompts["prompt_ids"],
                                 prompts["prompt_mask"], rng, max_new_tokens=self.N,
-                                temperature=float(self.cfg[self.section]["temperature"]), eos_ids=self.eos_ids,
+                                temperature=self.opts.temperature, eos_ids=self.eos_ids,
                                 pad_id=self.pad_id, mesh=self.mesh)
 
     def sequence_rewards(self, exp: dict, prompt_ids, tokens):
@@ -214,7 +256,7 @@ class RolloutTrainer:
     def _call_reward(self, prompt_ids, tokens, mask, fn=None, key: str = "reward_fn"):
         """fn (default: the reward function) on the host, checked, back as a [B] device array."""
         p, t, m = host(prompt_ids), host(tokens), host(mask)
-        name = f"{self.section}.{key} {self.cfg[self.section][key]!r}"
+        name = f"{self.section}.{key} {getattr(self.opts, key)!r}"
         r = np.asarray((fn or self.reward_fn)(p, t, m), dtype=np.float32)
         if r.shape != (t.shape[0],):
             raise TrainingError(f"{name} returned shape {r.shape}, expected ({t.shape[0]},)")
@@ -233,67 +275,31 @@ class RolloutTrainer:
     def run(self, run_dir) -> dict:
         """Iterations from the latest checkpoint of `run_dir` (or 0) to train.steps; returns the last
         logged metrics.  Windowed means over train.log_every iterations go to metrics.jsonl."""
-        import orbax.checkpoint as ocp
-
-        cfg, tc = self.cfg, self.cfg["train"]
-        run_dir = Path(run_dir).absolute()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            (run_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
-                                                            indent=2, ensure_ascii=False) + "\n")
+        tc = self.cfg.train
+        rd = RunDir(run_dir, self.cfg, self.task)
         st = self.init_state()
-        steps = int(tc["steps"])
-        mgr = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
-            max_to_keep=int(tc["keep_checkpoints"]), create=True))
-        start = 0
-        latest = mgr.latest_step()
-        if latest is not None:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st)
-            items = self.checkpoint_items(abstract)
-            r = mgr.restore(latest, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v)
-                                                              for k, v in items.items()}))
-            st = self.from_checkpoint_items({k: r[k] for k in items})
-            start = int(st["step"])
-            if jax.process_index() == 0:
-                print(f"resuming from checkpoint at step {start} ({run_dir / 'checkpoints'})")
-        writer = MetricsWriter(run_dir, start, tc.get("tensorboard", False))
-        kill_at = int(os.environ.get("LLAMA_JAX_TEST_KILL_AT_STEP", "0") or 0)  # test hook, as train/loop.py
-        bar = None
-        if tc.get("progress", True) and jax.process_index() == 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, initial=start, desc=self.task, dynamic_ncols=True)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st)
+        start, restored = rd.restore(self.checkpoint_items(abstract))
+        if restored is not None:
+            st = self.from_checkpoint_items(restored)
         last, window = {}, []
-        try:
-            for step in range(start, steps):
+        with rd.session(start, self.task) as session:
+            for step in range(start, tc.steps):
                 st, rec = self.iteration(st, step)
                 window.append(rec)
                 done = step + 1
-                if done % int(tc["log_every"]) == 0 or done == steps:
+                if done % tc.log_every == 0 or done == tc.steps:
                     out = {"step": done, **{k: float(np.mean([w[k] for w in window])) for k in window[-1]}}
                     out["nonfinite_updates"] = float(sum(w["nonfinite_updates"] for w in window))
                     out["ratio_maxdev_first"] = float(max(w["ratio_maxdev_first"] for w in window))
                     window = []
-                    writer.write(out)
+                    session.log(out, {k: f"{out[k]:.3f}" for k in self.progress_keys if k in out})
                     last = out
-                    if bar is not None:
-                        bar.set_postfix({k: f"{out[k]:.3f}" for k in self.progress_keys if k in out}, refresh=False)
-                    if int(st["nonfinite"]) >= int(tc["max_nonfinite"]):
+                    if int(st["nonfinite"]) >= tc.max_nonfinite:
                         raise TrainingError(f"{int(st['nonfinite'])} non-finite updates in a row at step {done}; "
                                             "stopping (the last checkpoint holds finite weights)")
-                if bar is not None:
-                    bar.update(1)
-                if kill_at == done:  # die like a preempted VM, no cleanup
-                    os.kill(os.getpid(), 9)
-                if (tc["checkpoint_every"] and done % int(tc["checkpoint_every"]) == 0) or done == steps:
-                    items = {k: ocp.args.StandardSave(v) for k, v in self.checkpoint_items(st).items()}
-                    meta = {"step": done, "task": self.task, "data_position": done * self.prompts_per_step, **self.checkpoint_meta(st)}
-                    mgr.save(done, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)))
-            mgr.wait_until_finished()
-        finally:
-            if bar is not None:
-                bar.close()
-            writer.close()
+                session.step_done(done, lambda: self.checkpoint_items(st),
+                                  {"data_position": done * self.prompts_per_step, **self.checkpoint_meta(st)})
         self.state = st
         last["policy_trainable_params"] = self.n_policy_params
         return last

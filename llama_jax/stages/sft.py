@@ -7,6 +7,7 @@ prompts; the answers go to `samples.jsonl` in the run directory.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -18,16 +19,31 @@ from ..data.records import USER, Conversation
 from ..data.sft_examples import IGNORE_INDEX, bucket_batches, load_sft, pack_examples, padding_fraction
 from ..data.sources import DataError, expand
 from ..data.templates import generation_prompt_ids, get_template
-from ..train.config import ConfigError, load_config, resolve_path, stage_defaults
+from ..generate import generate
+from ..train.config import ON_ERROR, ConfigError, RunConfig, Section, load_config, opt
 from ..train.loop import Task
 from .common import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
+from .pretrain import lm_loss
 
-DEFAULTS = stage_defaults(data={
-    "train_files": [], "eval_files": [], "eval_fraction": 0.05, "template": "chinese-alpaca-2", "max_length": 512,
-    "batching": "pack", "on_error": "skip",
-    "sample_prompts": ["请介绍一下中国的首都。", "用一句话解释什么是机器学习。"], "sample_max_new_tokens": 64,
-    "eval_sets": {},  # {name: [text files]}: language-modelling loss / ppl / bits per char of each (forgetting)
-})
+@dataclass
+class SFTData(Section):
+    train_files: list[str] = opt([], "chat data: alpaca / sharegpt / messages records (json, jsonl, parquet)")
+    eval_files: list[str] = opt([], "held-out chat data (default: the last data.eval_fraction of the examples)")
+    eval_fraction: float = opt(0.05, "examples held out when there are no eval_files")
+    template: str = opt("chinese-alpaca-2", "chat template (llama2-chat, chinese-alpaca-2, alpaca, tokenizer)")
+    max_length: int = opt(512, "tokens per example / packed row; longer examples are skipped")
+    batching: str = opt("pack", "pack: several conversations per row; bucket: length buckets; pad: to max_length",
+                        ("pack", "bucket", "pad"))
+    on_error: str = opt("skip", "a bad record: skip (counted) or error (stop, naming file, record and field)", ON_ERROR)
+    sample_prompts: list[str] = opt(["请介绍一下中国的首都。", "用一句话解释什么是机器学习。"],
+                                    "answered at each eval (RUN_DIR/samples.jsonl)")
+    sample_max_new_tokens: int = opt(64, "tokens per sample answer")
+    eval_sets: dict = opt({}, "{name: [text files]}: language-modelling loss / ppl / bits per char of each (forgetting)")
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    data: SFTData = field(default_factory=SFTData, metadata={"doc": "the chat data"})
 
 
 def sft_loss(model, batch):
@@ -42,77 +58,73 @@ def sft_loss(model, batch):
     return token_cross_entropy(logits, jnp.where(targets == IGNORE_INDEX, 0, targets), w)
 
 
-def make_loss(cfg):
+def make_loss(cfg: SFTConfig):
     """The Task's loss_fn(model, batch, rng) -> (loss_sum, weight, aux)."""
     return lambda m, b, rng: (*sft_loss(m, b), {})
 
 
-def batch_spec(cfg, batch: int, seq: int | None = None) -> dict:
+def batch_spec(cfg: SFTConfig, batch: int, seq: int | None = None) -> dict:
     """Shapes and dtypes of a global training batch: packed rows (data.batching=pack) or padded
     rows with an attention mask (bucket / pad, at their longest length)."""
-    T = int(seq or cfg["data"]["max_length"])
-    keys = (("tokens", "labels", "segments", "positions") if cfg["data"]["batching"] == "pack"
+    T = int(seq or cfg.data.max_length)
+    keys = (("tokens", "labels", "segments", "positions") if cfg.data.batching == "pack"
             else ("tokens", "labels", "attention_mask"))
     return {k: jax.ShapeDtypeStruct((batch, T), jnp.int32) for k in keys}
 
 
-def _rows(examples, dc, G, seed, pad_id):
-    if dc["batching"] == "pack":
-        rows = pack_examples(examples, int(dc["max_length"]), pad_id)
+def _rows(examples, batching: str, max_length: int, G, seed, pad_id):
+    if batching == "pack":
+        rows = pack_examples(examples, max_length, pad_id)
         return rows, padding_fraction(rows)
-    if dc["batching"] in ("bucket", "pad"):
+    if batching in ("bucket", "pad"):
         # "pad" = the naive baseline: every batch padded to max_length (for benchmarks)
-        multiple = int(dc["max_length"]) if dc["batching"] == "pad" else 64
+        multiple = max_length if batching == "pad" else 64
         bs = bucket_batches(examples, G, seed, multiple=multiple, pad_id=pad_id, drop_last=True)
         for b in bs:
             b["attention_mask"] = (b.pop("segments") > 0).astype(np.int32)
             b.pop("positions", None)
         return bs, padding_fraction([{"segments": b["attention_mask"]} for b in bs])
-    raise ConfigError(f"data.batching: {dc['batching']!r} is not 'pack', 'bucket' or 'pad'")
+    raise ConfigError(f"data.batching: {batching!r} is not 'pack', 'bucket' or 'pad'")
 
 
-def build_task(cfg, tok, model, run_dir: Path):
-    dc, tc = cfg["data"], cfg["train"]
-    T = int(dc["max_length"])
+def build_task(cfg: SFTConfig, tok, model, run_dir: Path):
+    dc, tc = cfg.data, cfg.train
+    T = dc.max_length
     if T > model.config.max_position_embeddings:
         raise ConfigError(f"data.max_length={T} exceeds the model's max_position_embeddings="
                           f"{model.config.max_position_embeddings}")
-    template = get_template(dc["template"])
-    files = expand([resolve_path(cfg, f) for f in dc["train_files"]])
-    examples, stats = load_sft(files, tok, template, T, dc["on_error"])
+    template = get_template(dc.template)
+    files = expand(cfg.paths(dc.train_files))
+    examples, stats = load_sft(files, tok, template, T, dc.on_error)
     print(f"sft data: {stats.report()}")
-    if dc["eval_files"]:
-        eval_examples, _ = load_sft(expand([resolve_path(cfg, f) for f in dc["eval_files"]]), tok, template, T,
-                                    dc["on_error"])
+    if dc.eval_files:
+        eval_examples, _ = load_sft(expand(cfg.paths(dc.eval_files)), tok, template, T, dc.on_error)
     else:
-        n_eval = max(1, int(len(examples) * float(dc["eval_fraction"])))
+        n_eval = max(1, int(len(examples) * dc.eval_fraction))
         if n_eval >= len(examples):
             raise DataError(f"{files}: {len(examples)} usable example(s) are too few to hold out an eval set")
         examples, eval_examples = examples[:-n_eval], examples[-n_eval:]
-    G, seed = int(tc["batch_size"]), int(tc["seed"])
+    G, seed = tc.batch_size, tc.seed
     pad = getattr(tok, "pad_token_id", None) or 0
     host, nh = jax.process_index(), jax.process_count()
-    rows, pad_frac = _rows(examples, dc, G, seed, pad)
-    if dc["batching"] == "pack":
+    rows, pad_frac = _rows(examples, dc.batching, T, G, seed, pad)
+    if dc.batching == "pack":
         if len(rows["tokens"]) < G:
             raise DataError(f"{files}: {len(rows['tokens'])} packed rows for a batch of {G}")
         train_batches = StepIndexedBatches(rows, G, seed, host, nh)
     else:
         train_batches = StepIndexedList(rows, seed, host, nh)
-    ev_rows, _ = _rows(eval_examples, {**dc, "batching": "pack"}, G, seed, pad)
-    eval_list = eval_batches(ev_rows, G, tc["eval_batches"])
-    print(f"sft batches: {dc['batching']}, padding {pad_frac:.1%} of tokens; eval {len(eval_list)} batch(es)")
+    ev_rows, _ = _rows(eval_examples, "pack", T, G, seed, pad)
+    eval_list = eval_batches(ev_rows, G, tc.eval_batches)
+    print(f"sft batches: {dc.batching}, padding {pad_frac:.1%} of tokens; eval {len(eval_list)} batch(es)")
     prompts = _sample_prompts(dc, template, tok)
     samples_path = run_dir / "samples.jsonl"
 
     def samples(m, step):
         if not prompts or jax.process_index() != 0:
             return {}
-        import llama_jax
-
         m.eval()
-        outs = llama_jax.generate(m, [p for _, p in prompts], max_new_tokens=int(dc["sample_max_new_tokens"]),
-                                  temperature=0.0)
+        outs = generate(m, [p for _, p in prompts], max_new_tokens=dc.sample_max_new_tokens, temperature=0.0)
         with open(samples_path, "a") as f:
             for (q, _), o in zip(prompts, outs):
                 f.write(json.dumps({"step": step, "prompt": q, "response": tok.decode(o, skip_special_tokens=True)},
@@ -123,28 +135,26 @@ def build_task(cfg, tok, model, run_dir: Path):
         np.mean([b["attention_mask"].sum() for b in rows])
     return Task(name="sft", loss_fn=make_loss(cfg), train=train_batches,
                 eval_batches=eval_list, eval_fn=samples, flops_per_token=flops_per_token(model.config, T),
-                tokens_per_row=T if dc["batching"] == "pack" else 0,
+                tokens_per_row=T if dc.batching == "pack" else 0,
                 eval_sets=text_eval_sets(cfg, tok, T, G, str(run_dir / "cache"), loss_fn=_text_lm_loss),
                 extra_meta={"padding_fraction": pad_frac, "real_tokens_per_batch": float(real), **{k: int(v) for k, v in stats.counts.items()}})
 
 
 def _text_lm_loss(m, b, rng):
     """Next-token loss on packed text rows (data.eval_sets), as in pretraining."""
-    from .pretrain import lm_loss
-
     return (*lm_loss(m, b, True), {})
 
 
 def _sample_prompts(dc, template, tok):
     out = []
-    for q in dc["sample_prompts"] or []:
+    for q in dc.sample_prompts:
         out.append((q, generation_prompt_ids(Conversation(None, [(USER, q)]), tok, template)))
     return out
 
 
 def run(config_path, out: str | None = None, overrides=()) -> dict:
-    return run_config(load_config(DEFAULTS, config_path, list(overrides)), out)
+    return run_config(load_config(SFTConfig, config_path, list(overrides)), out)
 
 
-def run_config(cfg: dict, out: str | None = None) -> dict:
+def run_config(cfg: SFTConfig, out: str | None = None) -> dict:
     return run_stage(cfg, out, "sft", build_task)

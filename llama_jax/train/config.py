@@ -1,69 +1,317 @@
-"""Run configs: YAML files merged over per-stage defaults, with `dotted.key=value` overrides.
+"""Typed run configs: a dataclass per section, loaded from YAML + `dotted.key=value` overrides.
 
-Unknown keys are errors (a typo must not silently fall back to a default).  The keys
-train.steps / log_every / eval_every / checkpoint_every / seed exist in every stage."""
+A stage's config is a `RunConfig` subclass (`stages.sft.SFTConfig`, ...) whose fields are sections
+(`ModelSection`, `LoraSection`, `TrainSection`, `MeshSection` and the stage's own `data` / `dpo` /
+`ppo` / ...).  Every option is a field with a default, a type and a one-line doc (`opt(...)`), so
+`llama-jax <stage> CONFIG --print-config` shows what a stage accepts and what it resolved to.
+
+Loading (`load_config(SFTConfig, path, overrides)`): the defaults, then the YAML file, then each
+override, merged key by key.  An unknown key is an error naming it (a typo must not silently fall
+back to a default), and so is a value of the wrong type ("train.steps: expected int, got 'ten'")
+or outside a field's choices.  Free-form mappings (`dict` fields: LlamaConfig overrides, a reward
+factory's arguments, data.eval_sets) are replaced as a whole.  Numbers written like `1e-5` (a
+string to YAML 1.1) are accepted for float fields; a string is accepted for a `list[str]` field
+as a one-element list.
+
+`cfg.to_dict()` is what a run directory's config.json holds: loading it back with the same class
+gives the same config.
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 
-COMMON: dict[str, Any] = {
-    "model": {
-        "init": "toy",            # preset name, HF dir or llama_jax checkpoint
-        "overrides": {},          # LlamaConfig fields for presets (e.g. vocab_size)
-        "dtype": "float32",       # compute dtype (bfloat16 on accelerators)
-        "param_dtype": "float32",  # master weights
-        "remat": "none",
-        "scan_layers": True,
-        "attention_impl": None,   # xla | cudnn | splash | auto (llama_jax.attention)
-        "frozen_dtype": None,     # LoRA: the frozen base's dtype (None = the compute dtype)
-        "quantization": None,     # LoRA: int8 | int4 | nf4 frozen base (QLoRA, llama_jax.quant)
-        "quant_tile": 64,         # int4 / nf4: input rows per scale
-    },
-    "tokenizer": None,            # tokenizer dir / tokenizer.model (default: the model dir)
-    "lora": {
-        "enabled": False, "rank": 8, "alpha": 16, "dropout": 0.0,
-        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "trainable_modules": [],
-    },
-    "train": {
-        "steps": 100, "batch_size": 8, "grad_accum": 1,
-        "lr": 3e-4, "lora_lr": None, "schedule": "cosine", "warmup_ratio": 0.05, "warmup_steps": None,
-        "min_lr_ratio": 0.1, "weight_decay": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip_norm": 1.0,
-        "log_every": 10, "eval_every": 50, "eval_batches": 8, "checkpoint_every": 50, "keep_checkpoints": 2,
-        "seed": 0, "max_nonfinite": 5, "peak_flops": None, "tensorboard": False, "progress": True,
-    },
-    "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-}
+from ..config import ATTENTION_IMPLS, REMAT_POLICIES
+from ..tokenizer.corpus import default_data_dir
 
 
 class ConfigError(ValueError):
     pass
 
 
-# mappings whose keys are not ours to check (LlamaConfig fields, a reward or check factory's
-# arguments, the names of data.eval_sets)
-FREE_FORM = {"overrides", "reward_fn_args", "check_fn_args", "eval_sets"}
+def opt(default, doc: str, choices: tuple | None = None):
+    """A config field: its default (copied per instance when mutable), a one-line doc and, for
+    enumerations, the allowed values."""
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def _merge(base: dict, over: dict, where: str, source: str) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
+# ----------------------------------------------------------------------------- typed conversion
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _union_args(tp):
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return typing.get_args(tp)
+    return None
+
+
+def _convert(value, tp, key: str):
+    """`value` as type `tp` (a resolved annotation), or ConfigError naming `key`."""
+    def bad(expected=None):
+        return ConfigError(f"{key}: expected {expected or _type_name(tp)}, got {value!r}")
+
+    args = _union_args(tp)
+    if args is not None:
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad()
+        for t in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, t, key)
+            except ConfigError:
+                continue
+        raise bad()
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return tp.from_dict(value, key + ".")
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return copy.deepcopy(value)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str) and item is str:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{key}: unsupported config type {tp!r}")  # a programming error, not a user's
+
+
+@dataclass
+class Section:
+    """Base of every config section (and of RunConfig): typed construction from a mapping."""
+
+    @classmethod
+    def hints(cls) -> dict:
+        return typing.get_type_hints(cls)
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        """The user-settable fields (not the internal ones, e.g. RunConfig.config_dir)."""
+        return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = ""):
+        """A typed, checked instance; missing keys take their defaults."""
+        hints = cls.hints()
+        names = {f.name for f in cls.options()}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown key '{where}{unknown[0]}' (known: {', '.join(sorted(names))})")
+        kw = {}
+        defaults = None
+        for f in cls.options():
+            if f.name not in d:
+                continue
+            given, tp = d[f.name], hints[f.name]
+            if dataclasses.is_dataclass(tp) and isinstance(given, dict):
+                # a nested section starts from this class's default for it (a stage may change a
+                # section's defaults, e.g. the RL stages' train section), not from the section class's
+                defaults = defaults or cls()
+                given = {**getattr(defaults, f.name).to_dict(), **given}
+            v = _convert(given, tp, where + f.name)
+            choices = f.metadata.get("choices")
+            if choices is not None and v not in choices:
+                raise ConfigError(f"{where}{f.name}: {v!r} is not one of {', '.join(map(str, choices))}")
+            kw[f.name] = v
+        out = cls(**kw)
+        out.check(where)
+        return out
+
+    def check(self, where: str = "") -> None:
+        """Cross-field checks of a section (ConfigError naming the key); none by default."""
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in self.options():
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, Section) else copy.deepcopy(v)
+        return out
+
+    def replace(self, **changes):
+        """A copy with `changes` (dataclasses.replace; sections are immutable by convention)."""
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- the shared sections
+DTYPES = ("float32", "bfloat16", "float16")
+ON_ERROR = ("skip", "error")  # a bad data record: skipped (counted, reported) or a DataError naming it
+
+
+@dataclass
+class ModelSection(Section):
+    init: str = opt("toy", "preset name (toy, tiny, llama2-7b, ...), HF directory or llama_jax checkpoint")
+    overrides: dict = opt({}, "LlamaConfig fields for a preset (e.g. vocab_size, pad_token_id)")
+    dtype: str = opt("float32", "compute dtype (bfloat16 on accelerators)", DTYPES)
+    param_dtype: str = opt("float32", "dtype of the master weights", DTYPES)
+    remat: str = opt("none", "activation checkpointing of each layer", REMAT_POLICIES)
+    scan_layers: bool = opt(True, "lax.scan over the layers (one compiled layer)")
+    attention_impl: str | None = opt(None, "attention kernel (llama_jax.attention); null = the model's default",
+                                     (None,) + ATTENTION_IMPLS)
+    frozen_dtype: str | None = opt(None, "LoRA: the frozen base's dtype (null = the compute dtype)", (None,) + DTYPES)
+    quantization: str | None = opt(None, "LoRA: a quantized frozen base (QLoRA, llama_jax.quant)",
+                                   (None, "int8", "int4", "nf4"))
+    quant_tile: int = opt(64, "int4 / nf4: input rows per scale")
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSection(Section):
+    enabled: bool = opt(False, "train LoRA adapters instead of the full model")
+    rank: int = opt(8, "adapter rank r")
+    alpha: float = opt(16.0, "scale alpha (the update is alpha / r x B A)")
+    dropout: float = opt(0.0, "dropout on the adapter's input")
+    targets: list[str] = opt(LORA_TARGETS, "Linear modules that get adapters")
+    trainable_modules: list[str] = opt([], "modules trained in full beside the adapters (embed_tokens, lm_head, score)")
+
+
+@dataclass
+class TrainSection(Section):
+    steps: int | None = opt(100, "optimizer steps (reward model: null = data.epochs over the pairs)")
+    batch_size: int = opt(8, "global batch in rows (PPO / GRPO: rollouts / prompts per step)")
+    grad_accum: int = opt(1, "micro-batches per step (batch_size / grad_accum rows each)")
+    lr: float = opt(3e-4, "peak learning rate")
+    lora_lr: float | None = opt(None, "learning rate of the LoRA factors (null = lr)")
+    schedule: str = opt("cosine", "decay after warmup", ("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.05, "warmup steps as a fraction of steps")
+    warmup_steps: int | None = opt(None, "warmup steps (overrides warmup_ratio)")
+    min_lr_ratio: float = opt(0.1, "final learning rate / peak")
+    weight_decay: float = opt(0.01, "AdamW weight decay (matrices only, not norms)")
+    b1: float = opt(0.9, "Adam beta1")
+    b2: float = opt(0.95, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    clip_norm: float | None = opt(1.0, "gradient global-norm clip (null or 0 = none)")
+    log_every: int = opt(10, "steps between metrics.jsonl records")
+    eval_every: int = opt(50, "steps between evals (0 = never)")
+    eval_batches: int | None = opt(8, "held-out global batches per eval (null = all)")
+    checkpoint_every: int = opt(50, "steps between checkpoints (the last step always saves)")
+    keep_checkpoints: int = opt(2, "checkpoints kept")
+    seed: int = opt(0, "seed of the data order, initialisation and dropout")
+    max_nonfinite: int = opt(5, "non-finite steps in a row before the run stops")
+    peak_flops: float | None = opt(None, "peak FLOP/s per chip for MFU (null = known chips)")
+    tensorboard: bool = opt(False, "also write TensorBoard events")
+    progress: bool = opt(True, "progress bar")
+
+    def check(self, where: str = "") -> None:
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}{name}: {getattr(self, name)} (must be >= 1)")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"{where}steps: {self.steps} (must be >= 1)")
+
+
+@dataclass
+class MeshSection(Section):
+    data: int = opt(1, "data-parallel axis (-1 = all remaining devices)")
+    fsdp: int = opt(-1, "fully sharded data-parallel axis (-1 = all remaining devices)")
+    tensor: int = opt(1, "tensor-parallel axis")
+
+
+@dataclass
+class RunConfig(Section):
+    """What every stage has; a stage adds its sections (and may change defaults) in a subclass."""
+    model: ModelSection = field(default_factory=ModelSection, metadata={"doc": "the model to start from"})
+    tokenizer: str | None = opt(None, "tokenizer dir / tokenizer.model (null = the model dir)")
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"doc": "LoRA / QLoRA"})
+    train: TrainSection = field(default_factory=TrainSection, metadata={"doc": "optimizer, schedule, logging"})
+    mesh: MeshSection = field(default_factory=MeshSection, metadata={"doc": "device mesh"})
+    # the directory of the YAML file (names the default run directory); not an option
+    config_dir: str | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+    steps_required: typing.ClassVar[bool] = True  # False: the stage derives train.steps (reward model)
+
+    def check(self, where: str = "") -> None:
+        if self.steps_required and self.train.steps is None:
+            raise ConfigError("train.steps: required (a number of steps)")
+        if self.model.quantization and not self.lora.enabled:
+            raise ConfigError(f"model.quantization={self.model.quantization!r} needs lora.enabled: a quantized base "
+                              "is frozen (QLoRA); full fine-tuning trains float weights")
+
+    def with_model(self, init: str, **changes):
+        """The config with model.init (and other model fields) replaced: to build a reward / value
+        model from the same runtime options."""
+        return self.replace(model=self.model.replace(init=init, **changes))
+
+    def path(self, p: str | None) -> str | None:
+        """A path from the config: '$DATA/...' is the shared data dir; others are taken as given."""
+        if p is None:
+            return None
+        if p.startswith("$DATA"):
+            return str(default_data_dir()) + p[len("$DATA"):]
+        return p
+
+    def paths(self, ps) -> list[str]:
+        return [self.path(p) for p in ps]
+
+    def default_run_dir(self, stage: str) -> Path:
+        """runs/<the config file's directory name>-<stage>, absolute."""
+        return Path(f"runs/{Path(self.config_dir or '.').name}-{stage}").absolute()
+
+
+def _merge(cls, base: dict, over: dict, where: str, source: str) -> dict:
+    """`over` merged into `base` (both plain mappings of `cls`'s fields), checking the keys."""
+    if not isinstance(over, dict):
+        raise ConfigError(f"{source}: '{where.rstrip('.') or 'config'}' must be a mapping")
+    hints = cls.hints()
+    names = {f.name for f in cls.options()}
+    out = dict(base)
+    for k, v in over.items():
         key = f"{where}{k}"
-        if k not in out:
-            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(out))})")
-        if isinstance(out[k], dict) and k in FREE_FORM:
+        if k not in names:
+            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(names))})")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: '{key}' must be a mapping")
-            out[k] = copy.deepcopy(v)  # replaced as a whole, as given
-        elif isinstance(out[k], dict):
-            if not isinstance(v, dict):
-                raise ConfigError(f"{source}: '{key}' must be a mapping")
-            out[k] = _merge(out[k], v, key + ".", source)
+            out[k] = _merge(tp, out.get(k) or {}, v, key + ".", source)
         else:
             out[k] = v
     return out
@@ -76,20 +324,22 @@ def _parse_value(s: str):
         return s
 
 
-def load_config(defaults: dict, path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    cfg = copy.deepcopy(defaults)
+def load_config(cls: type[RunConfig], path: str | Path | None = None, overrides=()) -> RunConfig:
+    """cls's defaults, then the YAML file at `path`, then each `dotted.key=value` override."""
+    merged: dict = {}
+    config_dir = None
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
-        cfg = _merge(cfg, data, "", str(path))
-        cfg["_config_dir"] = str(path.parent.resolve())
+        merged = _merge(cls, merged, data, "", str(path))
+        config_dir = str(path.parent.resolve())
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r}: expected dotted.key=value")
@@ -100,27 +350,45 @@ def load_config(defaults: dict, path: str | Path | None = None, overrides: list[
         for p in parts[:-1]:
             cur = cur.setdefault(p, {})
         cur[parts[-1]] = _parse_value(val)
-        cfg = _merge(cfg, nested, "", f"override {key}")
+        merged = _merge(cls, merged, nested, "", f"override {key}")
+    try:
+        cfg = cls.from_dict(merged)
+    except ConfigError as e:
+        where = [str(path)] if path is not None else []
+        where += ["the overrides"] if overrides else []
+        raise ConfigError(f"{e} (in {' or '.join(where)})" if where else str(e)) from None
+    cfg.config_dir = config_dir
     return cfg
 
 
-def stage_defaults(**sections) -> dict:
-    d = copy.deepcopy(COMMON)
-    for k, v in sections.items():
-        d[k] = _merge(d[k], v, k + ".", "defaults") if k in d and isinstance(d[k], dict) else v
-    return d
+def from_run_dict(cls: type[RunConfig], d: dict, sections: bool = False) -> RunConfig:
+    """A run directory's config.json as `cls`.  sections=True keeps only the keys `cls` knows (to
+    read the common sections of any stage's run, e.g. for export)."""
+    if sections:
+        names = {f.name for f in cls.options()}
+        d = {k: v for k, v in d.items() if k in names}
+    return cls.from_dict(d)
 
 
-def resolve_path(cfg: dict, p: str | None) -> str | None:
-    """Relative paths in a config: '$DATA/...' is the shared data dir; others are taken as given."""
-    if p is None:
-        return None
-    from ..tokenizer.corpus import default_data_dir
+# ----------------------------------------------------------------------------- --print-config
+def format_config(cfg: Section, indent: int = 0) -> str:
+    """The resolved config as YAML, each option followed by its doc (and choices) as a comment."""
+    lines = []
+    pad = "  " * indent
+    for f in cfg.options():
+        v = getattr(cfg, f.name)
+        doc = f.metadata.get("doc", "")
+        if isinstance(v, Section):
+            lines.append(f"{pad}{f.name}:" + (f"  # {doc}" if doc else ""))
+            lines.append(format_config(v, indent + 1))
+            continue
+        text = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else \
+            yaml.safe_dump(v, default_flow_style=True, allow_unicode=True).strip().removesuffix("...").strip()
+        choices = f.metadata.get("choices")
+        note = doc + (f" [{' | '.join('null' if c is None else str(c) for c in choices)}]" if choices else "")
+        lines.append(f"{pad}{f.name}: {text}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines)
 
-    if p.startswith("$DATA"):
-        return str(default_data_dir()) + p[len("$DATA"):]
-    return p
 
-
-def dump(cfg: dict) -> str:
-    return json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, indent=2, ensure_ascii=False)
+def dump(cfg: Section) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False)

@@ -11,13 +11,10 @@ computes bit for bit what an uninterrupted one does on the same hardware.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -27,21 +24,18 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ..lora import has_lora, with_dropout_step
 from ..scoring import lm_measures
-from .optim import count_params, make_optimizer
+from ..sharding import host_batch_to_global
+from .config import RunConfig, TrainSection
+from .optim import count_params, init_opt_state, make_optimizer, on_mesh, opt_state_shardings
+from .run import RunDir, TrainingError, train_state
 
 log = logging.getLogger(__name__)
 
 # bf16/fp16 peak FLOP/s per chip, for MFU (dense, no sparsity).  Sources: vendor data sheets.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
               "H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-_KILL_AT = int(os.environ.get("LLAMA_JAX_TEST_KILL_AT_STEP", "0") or 0)
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -75,36 +69,6 @@ class EvalSet:
     loss_fn: Callable | None = None  # None: the task's own loss (the batches have the task's layout)
 
 
-def _state_tree(step, params, opt_state, nonfinite):
-    return {"step": step, "params": params, "opt_state": opt_state, "nonfinite": nonfinite}
-
-
-def on_mesh(x, mesh) -> NamedSharding:
-    """The sharding a state leaf keeps: its own NamedSharding on `mesh`, else replicated.  Works on
-    arrays and on ShapeDtypeStructs alike (the planner's abstract state carries its shardings)."""
-    sh = getattr(x, "sharding", None)
-    return sh if isinstance(sh, NamedSharding) and sh.mesh == mesh else NamedSharding(mesh, P())
-
-
-def opt_state_shardings(tx, params, param_shardings, mesh):
-    """Optimizer-state shardings: every per-parameter leaf (Adam moments, ...) follows its
-    parameter's sharding, everything else (counts) is replicated.  Explicit on purpose: jit(tx.init)
-    alone leaves the moments where XLA puts a constant (one device), which would replicate them."""
-    from optax.transforms._masking import MaskedNode
-
-    abstract = jax.eval_shape(tx.init, params)
-    return optax.tree_map_params(
-        tx, lambda v, sh: v if isinstance(v, MaskedNode) else sh, abstract, param_shardings,
-        transform_non_params=lambda _: NamedSharding(mesh, P()),
-        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, MaskedNode)))
-
-
-def init_opt_state(tx, params, param_shardings, mesh):
-    """tx.init(params), created already sharded (see opt_state_shardings)."""
-    params = jax.device_put(params, param_shardings)
-    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, param_shardings, mesh))(params)
-
-
 @dataclass
 class TrainStep:
     """The jitted training step and what it needs, built by `build_train_step` for `train()` and
@@ -124,7 +88,7 @@ class TrainStep:
     def init_state(self, params):
         """The initial training state (step 0, fresh optimizer), placed on its shardings."""
         opt = init_opt_state(self.tx, params, self.param_shardings, self.mesh)
-        state = _state_tree(jnp.zeros((), jnp.int32), params, opt, jnp.zeros((), jnp.int32))
+        state = train_state(jnp.zeros((), jnp.int32), params, opt, jnp.zeros((), jnp.int32))
         return jax.device_put(state, self.state_shardings)
 
     def place_frozen(self, frozen):
@@ -132,7 +96,7 @@ class TrainStep:
 
     def abstract_state(self, params):
         """ShapeDtypeStructs (with shardings) of what init_state returns, without computing it."""
-        shapes = _state_tree(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(self.tx.init, params),
+        shapes = train_state(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(self.tx.init, params),
                              jax.ShapeDtypeStruct((), jnp.int32))
         return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes,
                             self.state_shardings)
@@ -147,21 +111,19 @@ class TrainStep:
                                         sharding=self.batch_sharding) for k, v in rows.items()}
 
 
-def build_train_step(loss_fn: Callable, model, tc: dict, mesh, trainable=nnx.Param):
+def build_train_step(loss_fn: Callable, model, tc: TrainSection, mesh, trainable=nnx.Param):
     """Split `model` into what trains and what is frozen, build the optimizer and the jitted step
     (gradient accumulation, clipping, AdamW, NaN/Inf guard) with its shardings and donation.
 
     `model` may be concrete or abstract (nnx.eval_shape, leaves ShapeDtypeStructs with shardings):
     the step is the same either way.  Returns (TrainStep, trainable params, frozen state)."""
-    from ..lora import has_lora, with_dropout_step
-
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     tx, lr_fn = make_optimizer(tc, params)
-    accum, seed = int(tc["grad_accum"]), int(tc["seed"])
+    accum, seed = tc.grad_accum, tc.seed
     replicated = NamedSharding(mesh, P())
     # optimizer moments follow their parameters' sharding; scalars (step, counts) are replicated
     param_sh = jax.tree.map(lambda x: on_mesh(x, mesh), params)
-    shardings = _state_tree(replicated, param_sh, opt_state_shardings(tx, params, param_sh, mesh), replicated)
+    shardings = train_state(replicated, param_sh, opt_state_shardings(tx, params, param_sh, mesh), replicated)
     frozen_sh = jax.tree.map(lambda x: on_mesh(x, mesh), frozen)
     batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp")))
     lora_dropout = has_lora(model) and model.lora_config.dropout > 0
@@ -202,7 +164,7 @@ def build_train_step(loss_fn: Callable, model, tc: dict, mesh, trainable=nnx.Par
         new_params = optax.apply_updates(st["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        out = _state_tree(st["step"] + 1, keep(new_params, st["params"]), keep(new_opt, st["opt_state"]),
+        out = train_state(st["step"] + 1, keep(new_params, st["params"]), keep(new_opt, st["opt_state"]),
                           jnp.where(finite, 0, st["nonfinite"] + 1))
         metrics = {"loss": loss, "grad_norm": gnorm, "tokens": w, "finite": finite,
                    **{k: v / w for k, v in aux.items()}}
@@ -228,35 +190,9 @@ def make_eval(graphdef, loss_fn: Callable) -> Callable:
     return jax.jit(eval_fn)
 
 
-def restore_latest(model, cfg: dict, run_dir, trainable=nnx.Param, step: int | None = None) -> int:
-    """Load the trainable parameters of a run's latest (or given) checkpoint into `model`."""
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = Path(run_dir).absolute() / "checkpoints"
-    mgr = ocp.CheckpointManager(ckpt_dir)
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-        raise TrainingError(f"{ckpt_dir}: no complete checkpoint")
-    _, params, _ = nnx.split(model, trainable, ...)
-    tx, _ = make_optimizer(cfg["train"], params)
-    opt = jax.eval_shape(tx.init, params)
-    mesh = next((x.sharding.mesh for x in jax.tree.leaves(params)
-                 if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
-    if mesh is not None:  # moments restored sharded like their parameters, as the loop saved them
-        psh = jax.tree.map(lambda x: on_mesh(x, mesh), params)
-        opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt,
-                           opt_state_shardings(tx, params, psh, mesh))
-    abstract = _state_tree(jax.ShapeDtypeStruct((), jnp.int32), params, opt, jax.ShapeDtypeStruct((), jnp.int32))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            abstract)
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    nnx.update(model, restored["state"]["params"])
-    return step
-
-
-def peak_flops(tc: dict) -> float | None:
-    if tc.get("peak_flops"):
-        return float(tc["peak_flops"])
+def peak_flops(tc: TrainSection) -> float | None:
+    if tc.peak_flops:
+        return tc.peak_flops
     kind = jax.devices()[0].device_kind
     for k, v in PEAK_FLOPS.items():
         if k.lower() in kind.lower():
@@ -264,121 +200,28 @@ def peak_flops(tc: dict) -> float | None:
     return None
 
 
-class MetricsWriter:
-    """metrics.jsonl, one object per logged step; on resume, lines past the checkpoint are dropped."""
-
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool = False):
-        self.path = run_dir / "metrics.jsonl"
-        # only process 0 touches the file: another process replacing it would orphan 0's open handle
-        if self.path.exists() and jax.process_index() == 0:
-            keep = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line from a kill
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(l + "\n" for l in keep))
-            os.replace(tmp, self.path)
-        self.f = open(self.path, "a") if jax.process_index() == 0 else None
-        self.tb = None
-        if tensorboard and jax.process_index() == 0:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    SummaryWriter = None
-                    log.warning("train.tensorboard: no tensorboardX or torch.utils.tensorboard installed")
-            if SummaryWriter is not None:
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, rec: dict):
-        if self.f is None:
-            return
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, rec["step"])
-
-    def close(self):
-        if self.f:
-            self.f.close()
-
-
-def _batch_sharding(mesh, ndim, accum: bool):
-    lead = (None,) if accum else ()
-    return NamedSharding(mesh, P(*lead, ("data", "fsdp"), *([None] * (ndim - 1))))
-
-
-def _to_global(batch: dict, mesh, accum: int):
-    """Host-local rows -> global arrays sharded over (data, fsdp); [accum, micro, ...] if accum."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if accum:
-            v = v.reshape((accum, v.shape[0] // accum) + v.shape[1:])
-        sh = _batch_sharding(mesh, v.ndim - (1 if accum else 0), bool(accum))
-        gshape = list(v.shape)
-        gshape[1 if accum else 0] *= jax.process_count()
-        out[k] = jax.make_array_from_process_local_data(sh, v, tuple(gshape))
-    return out
-
-
-def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, trainable=nnx.Param,
-          on_log: Callable | None = None) -> dict:
+def train(task: Task, model, cfg: RunConfig, run_dir, mesh, trainable=nnx.Param, head: str = "lm") -> dict:
     """Run (or resume) training of `model` in place; returns the last logged and eval metrics."""
-    import orbax.checkpoint as ocp
-
-    tc = cfg["train"]
-    run_dir = Path(run_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    steps, accum = int(tc["steps"]), int(tc["grad_accum"])
-    if tc["batch_size"] % (accum * max(1, jax.process_count())):
-        raise TrainingError(f"train.batch_size={tc['batch_size']} must be divisible by train.grad_accum={accum} "
+    tc = cfg.train
+    steps, accum = tc.steps, tc.grad_accum
+    if tc.batch_size % (accum * max(1, jax.process_count())):
+        raise TrainingError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={accum} "
                             f"x {jax.process_count()} processes")
-    if jax.process_index() == 0:
-        (run_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
-                                                        indent=2, ensure_ascii=False) + "\n")
-
+    rd = RunDir(run_dir, cfg, task.name, head=head)
     ts, params, frozen = build_train_step(task.loss_fn, model, tc, mesh, trainable)
     graphdef, lr_fn, jstep, jeval = ts.graphdef, ts.lr_fn, ts.step, ts.eval
     n_train = count_params(params)
     state = ts.init_state(params)
     frozen = ts.place_frozen(frozen)
-
-    # ---- resume
-    ckpt_dir = run_dir / "checkpoints"
-    mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=int(tc["keep_checkpoints"]), create=True))
-    start = 0
-    latest = mgr.latest_step()
-    if latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = mgr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               meta=ocp.args.JsonRestore()))
+    start, restored = rd.restore({"state": state})
+    if restored is not None:
         state = restored["state"]
-        start = int(state["step"])
-        log.info("resumed from %s step %d", ckpt_dir, start)
-        if jax.process_index() == 0:
-            print(f"resuming from checkpoint at step {start} ({ckpt_dir})")
-    writer = MetricsWriter(run_dir, start, tc.get("tensorboard", False))
 
     peak = peak_flops(tc)
     n_dev = jax.device_count()
-    bar = None
-    if tc.get("progress", True) and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, desc=task.name, dynamic_ncols=True)
     last: dict = {}
     pending: list = []
     t_last = time.perf_counter()
-
     set_evals = {id(es.loss_fn): make_eval(graphdef, es.loss_fn) for es in task.eval_sets if es.loss_fn is not None}
 
     def run_eval(step):
@@ -387,7 +230,7 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
             fn = jeval if es.loss_fn is None else set_evals[id(es.loss_fn)]
             s_tot = w_tot = 0.0
             for b in es.batches:
-                s, w, _ = fn(state["params"], frozen, _to_global(b, mesh, 0))
+                s, w, _ = fn(state["params"], frozen, host_batch_to_global(b, mesh))
                 s_tot, w_tot = s_tot + float(s), w_tot + float(w)
             rec.update({f"eval_{es.name}_{k}": v
                         for k, v in lm_measures(s_tot, w_tot, w_tot * es.chars_per_token).items()})
@@ -396,7 +239,7 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
         s_tot = w_tot = 0.0
         aux_tot: dict = {}
         for b in task.eval_batches:
-            s, w, aux = jeval(state["params"], frozen, _to_global(b, mesh, 0))
+            s, w, aux = jeval(state["params"], frozen, host_batch_to_global(b, mesh))
             s_tot += float(s)
             w_tot += float(w)
             for k, v in aux.items():
@@ -411,19 +254,19 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
         return rec
 
     post: dict = {}  # the progress bar's fields, kept between log steps
-    try:
+    with rd.session(start, task.name) as session:
         for step in range(start, steps):
-            batch = _to_global(task.train.batch(step), mesh, accum)
+            batch = host_batch_to_global(task.train.batch(step), mesh, accum)
             state, m = jstep(state, frozen, batch)
             pending.append(m)
             done = step + 1
             is_last = done == steps
-            if done % int(tc["log_every"]) == 0 or is_last:
+            if done % tc.log_every == 0 or is_last:
                 ms = jax.device_get(pending)
                 pending = []
                 now = time.perf_counter()
                 toks = float(sum(x["tokens"] for x in ms))
-                rows_tokens = task.tokens_per_row * tc["batch_size"] * len(ms)
+                rows_tokens = task.tokens_per_row * tc.batch_size * len(ms)
                 dt = now - t_last
                 t_last = now
                 rec = {"step": done, "loss": float(np.mean([x["loss"] for x in ms])), "lr": float(lr_fn(done - 1)),
@@ -435,44 +278,26 @@ def train(task: Task, model, cfg: dict, run_dir: str | os.PathLike, mesh, traina
                         rec[k] = float(np.mean([x[k] for x in ms]))
                 if peak and task.flops_per_token:
                     rec["mfu"] = task.flops_per_token * rec["tokens_per_sec"] / (peak * n_dev)
-                if int(state["nonfinite"]) >= int(tc["max_nonfinite"]):
+                if int(state["nonfinite"]) >= tc.max_nonfinite:
                     raise TrainingError(f"{int(state['nonfinite'])} non-finite steps in a row at step {done}; "
                                         "stopping (the last checkpoint holds finite weights)")
-                if bar is not None:
-                    post = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}",
-                            "tok/s": f"{rec['tokens_per_sec']:.0f}"}
-                    if "mfu" in rec:
-                        post["mfu"] = f"{rec['mfu']:.1%}"
+                post = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{rec['tokens_per_sec']:.0f}"}
+                if "mfu" in rec:
+                    post["mfu"] = f"{rec['mfu']:.1%}"
             else:
                 rec = None
             # eval on its own schedule: a step that is not a logging step gets a record of its own
-            if tc["eval_every"] and (done % int(tc["eval_every"]) == 0 or is_last):
+            if tc.eval_every and (done % tc.eval_every == 0 or is_last):
                 rec = {**(rec or {"step": done}), **run_eval(done)}
-                if bar is not None and "eval_loss" in rec:
+                if "eval_loss" in rec:
                     post["eval"] = f"{rec['eval_loss']:.4f}"
-                for es in task.eval_sets if bar is not None else ():
+                for es in task.eval_sets:
                     post[es.name] = f"{rec[f'eval_{es.name}_loss']:.3f}/{rec[f'eval_{es.name}_bpc']:.3f}bpc"
             if rec is not None:
-                writer.write(rec)
+                session.log(rec, dict(post))
                 last.update(rec)
-                if on_log:
-                    on_log(rec)
-                if bar is not None:
-                    bar.set_postfix(post, refresh=False)
-            if bar is not None:
-                bar.update(1)
-            if _KILL_AT == done:  # test hook: die like a preempted VM, no cleanup
-                os.kill(os.getpid(), 9)
-            if (tc["checkpoint_every"] and done % int(tc["checkpoint_every"]) == 0) or is_last:
-                mgr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       meta=ocp.args.JsonSave({"step": done, "task": task.name,
-                                                                               "data_position": done * tc["batch_size"],
-                                                                               **task.extra_meta})))
-        mgr.wait_until_finished()
-    finally:
-        if bar is not None:
-            bar.close()
-        writer.close()
+            session.step_done(done, lambda: {"state": state},
+                              {"data_position": done * tc.batch_size, **task.extra_meta})
     nnx.update(model, state["params"])
     last["trainable_params"] = n_train
     return last

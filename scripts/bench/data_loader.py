@@ -39,31 +39,32 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    from llama_jax.stages.common import build_mesh, build_model, build_tokenizer
-    from llama_jax.stages.pretrain import DEFAULTS, build_task
+    from llama_jax.sharding import host_batch_to_global
+    from llama_jax.stages.pretrain import PretrainConfig, build_task
     from llama_jax.train.config import load_config
-    from llama_jax.train.loop import _to_global, build_train_step
+    from llama_jax.train.loop import build_train_step
+    from llama_jax.train.run import build_mesh, build_model, build_tokenizer
     from llama_jax.data.shards import MixtureBatches, PackedView
 
     work = Path(tempfile.mkdtemp())
-    cfg = load_config(DEFAULTS, None, [
+    cfg = load_config(PretrainConfig, None, [
         "model.init=bench-cpu", f"tokenizer={DATA}/llama2-tokenizer/tokenizer.model", "data.block_size=512",
         f"data.cache_dir={work}", "train.batch_size=4", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
         "train.progress=false"])
-    cfg["data"]["train_files"] = [f"{DATA}/zh-corpus/clue_corpus_small_sample.txt",
-                                  f"{DATA}/zh-corpus/cmrc2018_wiki_paragraphs.txt"]
+    cfg = cfg.replace(data=cfg.data.replace(train_files=[f"{DATA}/zh-corpus/clue_corpus_small_sample.txt",
+                                                          f"{DATA}/zh-corpus/cmrc2018_wiki_paragraphs.txt"]))
     mesh = build_mesh(cfg)
     tok = build_tokenizer(cfg)
     model = build_model(cfg, mesh, vocab_size=len(tok))
     task = build_task(cfg, tok, model, work)
     rows_s, per_batch = loader_rate(task.train)
-    ts, params, frozen = build_train_step(task.loss_fn, model, cfg["train"], mesh)
+    ts, params, frozen = build_train_step(task.loss_fn, model, cfg.train, mesh)
     state, frozen = ts.init_state(params), ts.place_frozen(frozen)
-    state, m = ts.step(state, frozen, _to_global(task.train.batch(0), mesh, ts.accum))
+    state, m = ts.step(state, frozen, host_batch_to_global(task.train.batch(0), mesh, ts.accum))
     float(m["loss"])  # compiled
     t = time.perf_counter()
     for s in range(1, a.steps + 1):
-        state, m = ts.step(state, frozen, _to_global(task.train.batch(s), mesh, ts.accum))
+        state, m = ts.step(state, frozen, host_batch_to_global(task.train.batch(s), mesh, ts.accum))
         float(m["loss"])
     step_s = (time.perf_counter() - t) / a.steps
     # 7B-pretraining shapes: one host's 8 rows of 4096 tokens per step

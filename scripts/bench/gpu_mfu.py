@@ -30,11 +30,11 @@ def run_llama_jax(args) -> dict:
 
     import llama_jax
     from llama_jax.stages.common import flops_per_token
-    from llama_jax.stages.pretrain import DEFAULTS, lm_loss
+    from llama_jax.stages.pretrain import PretrainConfig, lm_loss
     from llama_jax.train.config import load_config
     from llama_jax.train.loop import Task, train
 
-    cfg = load_config(DEFAULTS, None, [f"train.steps={args.steps}", f"train.batch_size={args.batch}",
+    cfg = load_config(PretrainConfig, None, [f"train.steps={args.steps}", f"train.batch_size={args.batch}",
                                        "train.log_every=1", "train.checkpoint_every=0", "train.eval_every=0",
                                        "train.lr=1e-4", "train.progress=false"])
     mc = llama_jax.preset(args.preset, dtype="bfloat16", param_dtype="float32", remat=args.remat,

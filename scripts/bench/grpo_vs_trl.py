@@ -74,7 +74,7 @@ def _jax_setup(spec):
                    "train": {"batch_size": PROMPTS, "lr": LR, "schedule": "constant", "steps": 100000, "seed": 0,
                              "progress": False, "checkpoint_every": 0},
                    "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}, f)
-    cfg = load_config(grpo.DEFAULTS, cfg_path, [])
+    cfg = load_config(grpo.GRPOConfig, cfg_path, [])
     t0 = time.perf_counter()
     tr = grpo.GRPOTrainer(cfg)
     st = tr.init_state()

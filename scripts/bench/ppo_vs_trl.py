@@ -130,7 +130,7 @@ def _jax_setup(spec):
                    "train": {"batch_size": B, "lr": LR, "schedule": "linear", "steps": 100000, "seed": 0,
                              "progress": False, "checkpoint_every": 0},
                    "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}, f)
-    cfg = load_config(ppo.DEFAULTS, cfg_path, [])
+    cfg = load_config(ppo.PPOConfig, cfg_path, [])
     t0 = time.perf_counter()
     tr = ppo.PPOTrainer(cfg)
     st = tr.init_state()

@@ -48,28 +48,27 @@ def data_dir() -> str:
     return os.environ.get("LLAMA_JAX_DATA", str(common.REPO.parent / "shared" / "data"))
 
 
-def stage_config(ckpt: str, lora: dict, cache: str) -> dict:
-    from llama_jax.stages.pretrain import DEFAULTS
+def stage_config(ckpt: str, lora: dict, cache: str):
+    from llama_jax.stages.pretrain import PretrainConfig
     from llama_jax.train.config import load_config
 
     d = data_dir()
-    cfg = load_config(DEFAULTS, None, [
+    cfg = load_config(PretrainConfig, None, [
         f"model.init={ckpt}", f"tokenizer={d}/llama2-tokenizer/tokenizer.model",
         f"data.block_size={SEQ}", f"data.cache_dir={cache}", f"train.batch_size={BATCH}", "train.lr=1e-4",
         "train.warmup_ratio=0", "train.schedule=constant", "train.weight_decay=0.01", "train.b2=0.999",
         "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
-    cfg["data"]["train_files"] = [f"{d}/zh-corpus/clue_corpus_small_sample.txt"]
-    cfg["lora"] = {**cfg["lora"], **lora}
-    return cfg
+    return cfg.replace(data=cfg.data.replace(train_files=[f"{d}/zh-corpus/clue_corpus_small_sample.txt"]),
+                       lora=cfg.lora.replace(**lora))
 
 
 def _loop_setup(spec):
     import jax
 
-    from llama_jax.stages.common import build_mesh, build_model, build_tokenizer
-    from llama_jax.stages.lora_setup import maybe_apply_lora
+    from llama_jax.sharding import host_batch_to_global
     from llama_jax.stages.pretrain import build_task
-    from llama_jax.train.loop import _to_global, build_train_step
+    from llama_jax.train.loop import build_train_step
+    from llama_jax.train.run import build_mesh, build_model, build_tokenizer, trainable_filter
     from llama_jax.train.optim import count_params
 
     cfg = stage_config(spec["ckpt"], spec["lora"], spec["cache"])
@@ -77,19 +76,19 @@ def _loop_setup(spec):
     tok = build_tokenizer(cfg)
     model = build_model(cfg, mesh, vocab_size=len(tok))
     task = build_task(cfg, tok, model, spec["run_dir"])
-    trainable = maybe_apply_lora(cfg, model)
-    ts, params, frozen = build_train_step(task.loss_fn, model, cfg["train"], mesh, trainable)
+    trainable = trainable_filter(cfg, model)
+    ts, params, frozen = build_train_step(task.loss_fn, model, cfg.train, mesh, trainable)
     n_train = count_params(params)
     st = {"state": ts.init_state(params), "i": 0}
     frozen = ts.place_frozen(frozen)
     del model, params
     t0 = time.perf_counter()
-    first = _to_global(task.train.batch(0), mesh, ts.accum)
+    first = host_batch_to_global(task.train.batch(0), mesh, ts.accum)
     ts.step.lower(st["state"], frozen, first).compile()
     compile_s = time.perf_counter() - t0
 
     def step():
-        batch = _to_global(task.train.batch(st["i"]), mesh, ts.accum)
+        batch = host_batch_to_global(task.train.batch(st["i"]), mesh, ts.accum)
         st["state"], m = ts.step(st["state"], frozen, batch)
         st["i"] += 1
         loss = float(m["loss"])  # waits for the step
@@ -105,8 +104,8 @@ def _hf_setup(spec):
     import torch
     import transformers
 
-    from llama_jax.stages.common import build_tokenizer
     from llama_jax.stages.pretrain import build_task
+    from llama_jax.train.run import build_tokenizer
 
     cfg = stage_config(spec["ckpt"], {"enabled": False}, spec["cache"])
     tok = build_tokenizer(cfg)

@@ -30,7 +30,7 @@ def main():
 
     rows = []
     for batching in ("pad", "bucket", "pack"):
-        cfg = load_config(sft.DEFAULTS, REPO / "configs/toy/sft.yaml", [
+        cfg = load_config(sft.SFTConfig, REPO / "configs/toy/sft.yaml", [
             f"model.init={a.model}", f"data.batching={batching}", f"data.max_length={a.max_length}",
             "data.train_files=[$DATA/zh-sft/alpaca_zh_demo.json, $DATA/zh-sft/belle_open_source_1k.jsonl, "
             "$DATA/zh-sft/oaast_sft_zh.json, $DATA/zh-sft/sharegpt_zh_1K_format.jsonl]",
