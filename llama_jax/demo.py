@@ -27,8 +27,19 @@ from pathlib import Path
 
 import yaml
 
-from .plots import read_metrics as _metrics
+import llama_jax
+
+from .data.records import ASSISTANT, USER, Conversation
+from .data.templates import generation_prompt_ids, get_template
+from .export import export
+from .generate import generate
+from .plots import demo_plots, read_metrics as _metrics
+from .rl.reward_model import last_token_scores
+from .stages import grpo, ppo, pretrain, reward, sft
 from .synthetic import Example, SyntheticTask, number_to_en
+from .text import load_tokenizer
+from .tokenizer.merge import MergeOptions, merge_tokenizers
+from .tokenizer.train import train_bpe
 
 TEMPLATE = "llama2-chat"  # no system prompt: short prompts for a toy model
 
@@ -139,8 +150,6 @@ def tokenizer_stage(out: Path, data: DemoData, base: Path | None, zh_vocab: int)
     """Train the Chinese BPE, merge it into the base (trained here when none is given)."""
     import sentencepiece as spm
 
-    from .tokenizer.merge import MergeOptions, merge_tokenizers
-    from .tokenizer.train import train_bpe
 
     d = out / "tokenizer"
     d.mkdir(parents=True, exist_ok=True)
@@ -289,8 +298,6 @@ def hacking_signal(recs: list[dict]) -> dict | None:
 
 # ----------------------------------------------------------------------------- evaluation
 def _prompt_ids(tok, question: str) -> list[int]:
-    from .data.records import USER, Conversation
-    from .data.templates import generation_prompt_ids
 
     return generation_prompt_ids(Conversation(None, [(USER, question)]), tok, TEMPLATE)
 
@@ -298,8 +305,6 @@ def _prompt_ids(tok, question: str) -> list[int]:
 def answers(model, tok, questions: list[str], max_new_tokens: int = 24, temperature: float = 0.0,
             seed: int = 0) -> list[str]:
     """Greedy (or sampled) replies to each question through the chat template, EOS cut."""
-    from .generate import generate
-
     ids = [_prompt_ids(tok, q) for q in questions]
     outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                     pad_id=model.config.pad_token_id, eos_ids=[tok.eos_token_id])
@@ -311,9 +316,6 @@ def rm_scores(rm, tok, prompts: list[str], replies: list[str]):
     import jax.numpy as jnp
     import numpy as np
 
-    from .data.records import ASSISTANT, USER, Conversation
-    from .data.templates import get_template
-    from .rl.reward_model import last_token_scores
 
     tpl = get_template(TEMPLATE)
     seqs = []
@@ -389,11 +391,7 @@ def _resolve_base(args, data_dir: Path | None) -> Path | None:
 
 
 def run_demo(args) -> int:
-    import llama_jax
 
-    from .export import export
-    from .stages import grpo, ppo, pretrain, reward, sft
-    from .text import load_tokenizer
 
     t_start = time.perf_counter()
     out = Path(args.out).absolute()
@@ -511,7 +509,6 @@ def run_demo(args) -> int:
     report.data["seconds"] = round(time.perf_counter() - t_start, 1)
     report.save()
 
-    from .plots import demo_plots
 
     report.data["plots"] = [str(p) for p in demo_plots(runs, out / "plots", report.data["stages"])]
     report.save()

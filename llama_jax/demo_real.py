@@ -33,9 +33,22 @@ from pathlib import Path
 
 import yaml
 
+import llama_jax
+
+from .config import LlamaConfig
+from .convert import ConvertConfig, convert
+from .data.clean import CleanConfig, clean
+from .data.en_stories import STORIES as EN_STORIES
 from .demo import TEMPLATE, Report, answers, count_tokens, rm_scores
-from .plots import read_metrics
+from .export import export
 from .fsutil import write_text_atomic
+from .plots import demo_plots, read_metrics
+from .stages import ppo, pretrain, reward, sft
+from .stages.evaluate import EvalConfig, run_eval
+from .text import load_tokenizer
+from .tokenizer.merge import MergeOptions, merge_tokenizers
+from .tokenizer.train import TrainOptions, train_bpe
+from .vocab_resize import resize_embeddings
 
 # A base below this many parameters is trained in full in continued pretraining (stories260K:
 # 0.26M); larger bases train LoRA factors + embed_tokens / lm_head (Chinese-LLaMA-2's recipe).
@@ -164,8 +177,6 @@ def resolve_base(base: str | None, data: Path, out: Path) -> tuple[Path, Path, s
     """(HF directory of the base, its sentencepiece tokenizer.model, description).  A llama2.c file is
     converted into OUT/models/base; anything that is not a Llama base with a sentencepiece tokenizer is
     refused with a ValueError saying what was found."""
-    from .convert import ConvertConfig, convert
-
     if base in (None, "stories260K"):
         src, tok = data / STORIES / "stories260K.bin", data / STORIES / "tok512.model"
         kind = "stories260K (llama2.c, TinyStories; converted with `llama-jax convert --format llama2c`)"
@@ -219,9 +230,6 @@ def prepare_data(data: Path, out: Path, n: RealSizes, stories_base: bool) -> Rea
     """Splits written under OUT/data: held-out Chinese / English, cleaned SFT (train / eval), preference
     pairs (train / held-out per file), PPO prompts (train: SFT prompts not used for SFT eval; held-out:
     belle_eval_set questions)."""
-    from .data.clean import CleanConfig, clean
-    from .data.en_stories import STORIES as EN_STORIES
-
     d = out / "data"
     d.mkdir(parents=True, exist_ok=True)
     zh_train = []
@@ -286,8 +294,6 @@ def tokenizer_stage(out: Path, data: RealData, base_tok: Path, n: RealSizes) -> 
     """Chinese BPE (vocab raised to cover the corpus's characters) merged into the base's model."""
     import sentencepiece as spm
 
-    from .tokenizer.merge import MergeOptions, merge_tokenizers
-    from .tokenizer.train import TrainOptions, train_bpe
 
     d = out / "tokenizer"
     zh = train_bpe(d / "zh", input_files=data.zh_train,
@@ -313,9 +319,7 @@ def tokenizer_stage(out: Path, data: RealData, base_tok: Path, n: RealSizes) -> 
 
 
 def resize_stage(base_dir: Path, base_tok: Path, tok_dir: Path, dest: Path) -> dict:
-    import llama_jax
 
-    from .vocab_resize import resize_embeddings
 
     model = llama_jax.load(base_dir)
     old = model.config.vocab_size
@@ -327,8 +331,6 @@ def resize_stage(base_dir: Path, base_tok: Path, tok_dir: Path, dest: Path) -> d
 
 def bpc(model_dir: Path, tok: Path, files: dict[str, Path], max_length: int) -> dict:
     """Bits per character / perplexity of each file through `llama-jax eval` (its run_eval)."""
-    from .stages.evaluate import EvalConfig, run_eval
-
     res = run_eval(EvalConfig(model=str(model_dir), tokenizer=str(tok), tasks=["ppl"],
                               data=[str(p) for p in files.values()], max_length=max_length, progress=False))
     by_file = res["tasks"]["ppl"]["files"]
@@ -338,8 +340,6 @@ def bpc(model_dir: Path, tok: Path, files: dict[str, Path], max_length: int) -> 
 
 def benchmarks(model_dir: Path, data: Path, n: RealSizes, out: Path) -> dict:
     """CMMLU / C-Eval on a few subjects through `llama-jax eval` (results JSON in OUT/eval)."""
-    from .stages.evaluate import EvalConfig, run_eval
-
     res = {}
     for task, path, subjects in (("cmmlu", data / CMMLU, CMMLU_SUBJECTS), ("ceval", data / CEVAL, CEVAL_SUBJECTS)):
         r = run_eval(EvalConfig(model=str(model_dir), tasks=[task], data=[f"{task}={path}"], subjects=subjects,
@@ -454,17 +454,12 @@ def _header(text: str):
 
 
 def _param_count(model_dir: Path) -> int:
-    from .config import LlamaConfig
 
     return LlamaConfig.from_json_file(model_dir / "config.json").num_params()
 
 
 def run_real_demo(args) -> int:
-    import llama_jax
 
-    from .export import export
-    from .stages import ppo, pretrain, reward, sft
-    from .text import load_tokenizer
 
     t_start = time.perf_counter()
     data_dir, out = Path(args.data), Path(args.out).absolute()
@@ -584,7 +579,6 @@ def run_real_demo(args) -> int:
     bm["seconds"] = round(time.perf_counter() - t0, 1)
     stage("benchmarks", bm)
     report.data["samples"] = samples
-    from .plots import demo_plots
 
     report.data["plots"] = [str(p) for p in demo_plots(runs, out / "plots")] + \
         [str(plot_bpc(runs, before_base, out / "plots"))]

@@ -1,7 +1,6 @@
 """`llama-jax export`: a run directory or checkpoint -> an HF directory (merged) or a PEFT adapter."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from . import lora

@@ -37,12 +37,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import PRESETS, preset
-from .generate import SamplingParams, decode, prefill
+from .generate import decode
 from .model import abstract_model
-from .rl.rollout import cache_maker
-from .sharding import batch_sharding, make_mesh, parse_mesh, state_shardings
+from .sharding import make_mesh, parse_mesh, state_shardings
 from .stages import ppo, pretrain, sft
-from .stages.common import flops_per_token
+from .stages.supervised import flops_per_token
 from .stages.ppo import PPOTrainer, critic_lora
 from .train.config import RunConfig, load_config
 from .train.loop import build_train_step
@@ -371,8 +370,15 @@ def _plan_train(stage, cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
     return p
 
 
+class _Stopped(Exception):
+    """A piece did not fit (its Measured holds the error): the later pieces are not planned."""
+
+
 def _plan_ppo(cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
-    """PPO's jitted pieces in the order one iteration runs them, each fed the previous one's outputs."""
+    """The PPO trainer's own iteration, abstract: `PPOTrainer.collect` then `.update` on an
+    abstract trainer whose `call` lowers and compiles each jitted piece (rollout cache, prefill,
+    decode, experience, reward offset, advantages, update) on the previous pieces' abstract outputs.
+    The planner adds only what the trainer cannot know: per-chip resident memory beside each piece."""
     pc, tc = cfg.ppo, cfg.train
     if batch:
         cfg = cfg.replace(train=tc.replace(batch_size=int(batch)))
@@ -388,71 +394,45 @@ def _plan_ppo(cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
     critic_src = pc.value_model or pc.reward_model
     shared = bool(critic_src and critic_lora(cfg) and critic_src == pc.reward_model)  # critic base = RM's buffers
     tr = PPOTrainer.abstract(cfg, mesh, policy, critic, rm, P_len)
-    st = tr.abstract_state()
-    pol_frz, crit_frz = _sds(tr.policy_frozen, mesh), _sds(tr.critic_frozen, mesh)
-    rm_state = _sds(tr.rm_state, mesh) if tr.rm_state is not None else None
-    ref_store = _sds(tr.ref_store, mesh)
-    B, Pn, N = tr.B, tr.P, tr.N
-    p = Plan("ppo", model, topo, mesh_shape, B, Pn, cfg)
+    st = tr.abstract_state()  # also makes the trainer's frozen pieces abstract, placed as a run places them
+    pol_frz, crit_frz = tr.policy_frozen, tr.critic_frozen
+    p = Plan("ppo", model, topo, mesh_shape, tr.B, tr.P, cfg)
 
     # resident per chip: the state, the frozen bases, the RM, the reference store
     groups = {"state": chip_bytes(st), "policy_frozen": chip_bytes(pol_frz),
               "critic_frozen": 0 if shared else chip_bytes(crit_frz),
-              "rm": chip_bytes(rm_state) if rm_state is not None else 0, "ref_store": chip_bytes(ref_store)}
+              "rm": chip_bytes(tr.rm_state) if tr.rm_state is not None else 0, "ref_store": chip_bytes(tr.ref_store)}
     resident = sum(groups.values())
     policy_bytes = chip_bytes(st["params"]) + groups["policy_frozen"]
+    prompts = tr.abstract_prompts()
+    # what else is resident while each piece runs: (resident_extra, double_counted)
+    beside = {
+        "rollout_prefill": (resident - policy_bytes, 0),
+        "rollout_decode": (resident - policy_bytes, 0),
+        "experience": (groups["state"] - chip_bytes(st["params"]) - chip_bytes(st["critic_params"]),
+                       chip_bytes(crit_frz) if shared else 0),
+        "advantages": (resident + chip_bytes(prompts["prompt_ids"]), 0),
+        "update": (groups["rm"] + groups["ref_store"] - (chip_bytes(crit_frz) if shared else 0), 0),
+    }
 
-    ids_sh = batch_sharding(mesh, 2)
-    ids = jax.ShapeDtypeStruct((B, Pn), jnp.int32, sharding=ids_sh)
-    mask = jax.ShapeDtypeStruct((B, Pn), jnp.int32, sharding=ids_sh)
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-    # rollout: rl.rollout.sample_responses = cache init, prefill, decode (each its own jit)
-    state = nnx.merge_state(st["params"], pol_frz)
-    maker = cache_maker(tr.config, B, Pn + N, mesh)
-    lw_cache = maker.lower()
-    cache = _outputs(lw_cache, lw_cache.compile())
-    lw = {}
+    def call(name, fn, *args, **kwargs):
+        lowered = {}
+        m = compile_one(name, lambda: lowered.setdefault("l", fn.lower(*args, **kwargs)))
+        if name in beside:  # the others (cache init, reward offset) are compiled for their outputs only
+            m.resident_extra, m.double_counted = beside[name]
+            p.functions.append(m)
+        if m.error:
+            raise _Stopped(name)
+        return _outputs(lowered["l"], m.compiled)
 
-    def low(name, fn, *a):
-        lw[name] = fn.lower(*a)
-        return lw[name]
-
-    f_pre = compile_one("rollout_prefill", lambda: low("prefill", prefill, tr.policy_graphdef, state, ids, mask, cache))
-    p.functions.append(f_pre)
-    if f_pre.error:
-        return _ppo_info(p, tr, cfg, groups, resident)
-    f_pre.resident_extra = resident - policy_bytes
-    logits, cache2 = _outputs(lw["prefill"], f_pre.compiled)
-    positions = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=NamedSharding(mesh, P(*ids_sh.spec[:1])))
-    sp = SamplingParams(N, pc.temperature, 0, 1.0)
-    f_dec = compile_one("rollout_decode", lambda: low("decode", decode, tr.policy_graphdef, state, cache2, logits,
-                                                      positions, rng, sp, tuple(tr.eos_ids), int(tr.pad_id), None))
-    p.functions.append(f_dec)
-    if f_dec.error:
-        return _ppo_info(p, tr, cfg, groups, resident)
-    f_dec.resident_extra = resident - policy_bytes
-    tokens, _ = _outputs(lw["decode"], f_dec.compiled)
-    exp_args = (st["params"], pol_frz, ref_store, st["critic_params"], crit_frz, rm_state, ids, mask, tokens)
-    f_exp = compile_one("experience", lambda: low("experience", tr.experience_fn, *exp_args))
-    p.functions.append(f_exp)
-    if f_exp.error:
-        return _ppo_info(p, tr, cfg, groups, resident)
-    f_exp.double_counted = chip_bytes(crit_frz) if shared else 0
-    f_exp.resident_extra = groups["state"] - chip_bytes(st["params"]) - chip_bytes(st["critic_params"])
-    exp = _outputs(lw["experience"], f_exp.compiled)
-    scores = exp["scores"] if "scores" in exp else jax.ShapeDtypeStruct((B,), jnp.float32,
-                                                                        sharding=exp["mask"].sharding)
-    f_adv = compile_one("advantages", lambda: low("advantages", tr.advantages_fn, exp, scores, st["beta"]))
-    p.functions.append(f_adv)
-    if f_adv.error:
-        return _ppo_info(p, tr, cfg, groups, resident)
-    adv, _, _ = _outputs(lw["advantages"], f_adv.compiled)
-    f_adv.resident_extra = resident + chip_bytes(ids)
-    # PPOTrainer.iteration: batch = experience ++ advantages ++ scores, prompt ids
-    ubatch = {**exp, **adv, "scores": scores, "prompt_ids": ids}
-    f_up = compile_one("update", lambda: low("update", tr.update_fn, st, pol_frz, crit_frz, ubatch, rng))
-    p.functions.append(f_up)
-    f_up.resident_extra = groups["rm"] + groups["ref_store"] - (chip_bytes(crit_frz) if shared else 0)
+    tr.call = call
+    tr.call_host = lambda name, fn, *args, out: out(*args)
+    tr.decoder = lambda: (decode, False)  # the accelerator decoder (the host's may be the CPU variant)
+    try:
+        batch_, _, _ = tr.collect(st, 0, prompts)
+        tr.update(st, batch_, 0)
+    except _Stopped:
+        pass
     return _ppo_info(p, tr, cfg, groups, resident)
 
 

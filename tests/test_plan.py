@@ -128,6 +128,30 @@ def test_train_and_planner_lower_the_same_step(tmp_path, monkeypatch):
     assert "train_step" in pl.format_plan(p)
 
 
+def test_ppo_plan_walks_the_trainers_own_iteration(monkeypatch):
+    """The PPO plan is PPOTrainer.collect + .update run on an abstract trainer: every jitted piece the
+    iteration calls is lowered, in the iteration's order, on the previous pieces' outputs, and the
+    update gets the very batch collect() builds."""
+    from llama_jax.stages.ppo import PPOTrainer
+
+    over = ["model.overrides.vocab_size=512", "ppo.max_new_tokens=8", "model.remat=none", "model.attention_impl=xla",
+            "model.dtype=float32", "model.param_dtype=float32", "lora.dropout=0.0"]
+    seen = []
+    real_collect = PPOTrainer.collect
+
+    def collect(self, st, step, prompts=None):
+        out = real_collect(self, st, step, prompts)
+        seen.append([k for k in out[0]])  # the batch the update gets
+        return out
+
+    monkeypatch.setattr(PPOTrainer, "collect", collect)
+    p = pl.plan("ppo", "toy", "cpu", batch=32, seq=16, vocab_size=None, overrides=over)
+    assert [f.name for f in p.functions] == ["rollout_prefill", "rollout_decode", "experience", "advantages", "update"]
+    assert all(f.error is None and f.total > 0 for f in p.functions)
+    assert p.info["prompt_length"] == 16 and p.info["max_new_tokens"] == 8 and p.batch == 32
+    assert seen and {"advantages", "returns", "scores", "tokens", "mask"} <= set(seen[0])
+
+
 def test_moments_follow_parameter_shardings():
     from jax.sharding import NamedSharding, PartitionSpec as P
 

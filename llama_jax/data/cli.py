@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 
+# The commands' modules load on use: `llama-jax --help` registers these commands and stays light.
 def _cmd_tokenize(args) -> int:
     from .shards import TokenizeConfig, tokenize_corpus
 

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fsutil import write_text_atomic
+from ..text import load_tokenizer
 from .packing import encode_batch, tokenizer_fingerprint
 from .sources import DataError, expand
 
@@ -223,7 +224,6 @@ _WORKER_TOK = {}
 
 def _load_tok(path: str):
     if path not in _WORKER_TOK:
-        from ..text import load_tokenizer
 
         _WORKER_TOK.clear()
         _WORKER_TOK[path] = load_tokenizer(path)

@@ -52,20 +52,32 @@ def cache_maker(cfg, batch: int, length: int, mesh):
 
 
 
+def _call(name, fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
 def sample_responses(graphdef, state, cfg, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
-                     temperature: float, eos_ids: tuple, pad_id: int, mesh=None):
+                     temperature: float, eos_ids: tuple, pad_id: int, mesh=None, positions=None, call=_call,
+                     decoder_fn=decoder):
     """Sampled response tokens [B, N] (pad_id after a row's EOS).  `state` is the model's whole
-    nnx state (e.g. nnx.merge_state(trainable, frozen)), `cfg` its LlamaConfig."""
+    nnx state (e.g. nnx.merge_state(trainable, frozen)), `cfg` its LlamaConfig; `positions` the
+    prompts' lengths (default: the mask's row sums).  The jitted pieces (cache init, prefill,
+    decode) run through `call(name, fn, *args)` and the decoder is `decoder_fn()`'s: the planner
+    passes its own to lower them for another platform (stages.rollout_trainer.RolloutTrainer.call)."""
     if temperature <= 0:
         raise ValueError("PPO samples at temperature > 0 (greedy decoding has no log-probs to ratio)")
     B, P = prompt_ids.shape
-    cache = init_cache(cfg, B, P + max_new_tokens, mesh)
-    logits, cache = prefill(graphdef, state, prompt_ids, prompt_mask, cache)
-    positions = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+    if mesh is None:
+        cache = Cache.init(cfg, B, P + max_new_tokens)
+    else:
+        cache = call("rollout_cache", cache_maker(cfg, B, P + max_new_tokens, mesh))
+    logits, cache = call("rollout_prefill", prefill, graphdef, state, prompt_ids, prompt_mask, cache)
+    if positions is None:
+        positions = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     sp = SamplingParams(int(max_new_tokens), float(temperature), 0, 1.0)
-    dec, hoist = decoder()
-    tokens, _ = dec(graphdef, state, cache, logits, positions, rng, sp, tuple(eos_ids), int(pad_id), None,
-                    hoist_layers=hoist)
+    dec, hoist = decoder_fn()
+    tokens, _ = call("rollout_decode", dec, graphdef, state, cache, logits, positions, rng, sp, tuple(eos_ids),
+                     int(pad_id), None, hoist_layers=hoist)
     return tokens
 
 

@@ -21,7 +21,7 @@ from ..data.preference import load_pairs, pair_batch
 from ..data.sources import DataError, expand
 from ..train.config import ON_ERROR, ConfigError, RunConfig, Section, load_config, opt
 from ..train.loop import Task
-from .common import eval_batches, flops_per_token, run_stage
+from .supervised import eval_batches, flops_per_token, run_stage
 
 LOSSES = ("sigmoid", "hinge", "ipo")
 

@@ -54,6 +54,8 @@ class EvalConfig:
     progress: bool = True
 
 
+# The CLI registers `llama-jax eval` from this module (add_eval_command), so `llama-jax --help`
+# imports it: what pulls in jax / flax / lm_eval is imported in the functions that run an eval.
 def default_data(task: str) -> Path | None:
     from ..tokenizer.corpus import default_data_dir
 

@@ -1,6 +1,6 @@
 """GRPO for language models: `llama-jax grpo CONFIG.yaml [--out DIR] [k=v ...]`.
 
-One iteration (= one `train.step`) on the PPO stage's machinery (`rl_common.RolloutTrainer`:
+One iteration (= one `train.step`) on the PPO stage's machinery (`rollout_trainer.RolloutTrainer`:
 prompts, LoRA policy with the LoRA-off reference, sampling, rewards, the loop shell with exact
 resume and metrics.jsonl):
   1. `train.batch_size` prompts of step s (seeded per-epoch permutation), each repeated
@@ -38,7 +38,7 @@ from ..rl.rollout import make_experience_fn, response_logprobs
 from ..train.config import ConfigError, TrainSection, load_config, opt
 from ..train.optim import init_opt_state, make_optimizer, on_mesh, opt_state_shardings
 from ..train.run import TrainingError
-from .rl_common import RolloutConfig, RolloutOptions, RolloutTrainer, rl_train
+from .rollout_trainer import RolloutConfig, RolloutOptions, RolloutTrainer, rl_train
 
 
 @dataclass
@@ -223,10 +223,10 @@ class GRPOTrainer(RolloutTrainer):
         """Rollout + group advantages for step `step`: (batch dict of device arrays, stats)."""
         prompts = self.step_prompts(step, repeat=self.G)
         tokens = self.sample(st, prompts, jax.random.fold_in(self.step_rng(step), 0))
-        exp = self.experience_fn(st["params"], self.policy_frozen, self.ref_store, None, None, self.rm_state,
-                                 prompts["prompt_ids"], prompts["prompt_mask"], tokens)
+        exp = self.call("experience", self.experience_fn, st["params"], self.policy_frozen, self.ref_store, None, None,
+                        self.rm_state, prompts["prompt_ids"], prompts["prompt_mask"], tokens)
         scores = self.sequence_rewards(exp, prompts["prompt_ids"], tokens)
-        adv, stats = self.advantages_fn(exp, scores)
+        adv, stats = self.call("advantages", self.advantages_fn, exp, scores)
         return {**exp, **adv, "scores": scores, "prompt_ids": prompts["prompt_ids"]}, stats
 
     def iteration(self, st, step: int):
@@ -235,7 +235,8 @@ class GRPOTrainer(RolloutTrainer):
         batch, stats = self.collect(st, step)
         jax.block_until_ready(batch["advantages"])
         t1 = time.perf_counter()
-        st, ustats = self.update_fn(st, self.policy_frozen, batch, jax.random.fold_in(self.step_rng(step), 1))
+        st, ustats = self.call("update", self.update_fn, st, self.policy_frozen, batch,
+                               jax.random.fold_in(self.step_rng(step), 1))
         rec = {k: float(v) for k, v in jax.device_get({**stats, **ustats}).items()}
         t2 = time.perf_counter()
         rec["lr"] = float(self.lr_fn(step * self.updates_per_step))

@@ -39,7 +39,7 @@ from ..rl.rollout import get_reward_fn, make_experience_fn, response_logprobs, r
 from ..train.config import ConfigError, TrainSection, load_config, opt
 from ..train.optim import count_params, init_opt_state, make_optimizer, on_mesh, opt_state_shardings
 from ..train.run import TrainingError, build_model
-from .rl_common import RolloutConfig, RolloutOptions, RolloutTrainer, load_prompts, rl_train  # noqa: F401
+from .rollout_trainer import RolloutConfig, RolloutOptions, RolloutTrainer, rl_train
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def critic_lora(cfg: PPOConfig) -> bool:
 
 class PPOTrainer(RolloutTrainer):
     """Models, data and the jitted pieces of one PPO iteration.  `run(run_dir)` (the shared loop
-    shell of `rl_common.RolloutTrainer`) is the loop."""
+    shell of `rollout_trainer.RolloutTrainer`) is the loop."""
 
     section = task = "ppo"
 
@@ -324,6 +324,12 @@ class PPOTrainer(RolloutTrainer):
                   "critic_params": crit, "critic_opt_state": jax.eval_shape(self.ctx.init, crit),
                   "beta": jax.ShapeDtypeStruct((), jnp.float32)}
         self._jit_update()
+        # the frozen pieces as the real run places them (init_state), abstract
+        mesh = self.mesh
+        sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_mesh(x, mesh)), t)  # noqa: E731
+        self.policy_frozen, self.critic_frozen, self.ref_store = (sds(self.policy_frozen), sds(self.critic_frozen),
+                                                                   sds(self.ref_store))
+        self.rm_state = sds(self.rm_state) if self.rm_state is not None else None
         return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, self.shardings)
 
     def _state_shardings(self, pol, crit):
@@ -340,21 +346,27 @@ class PPOTrainer(RolloutTrainer):
         self.update_fn = jax.jit(self._update, donate_argnums=(0,), out_shardings=(self.shardings, None))
 
     # ------------------------------------------------------------------------- one iteration
-    def collect(self, st, step: int):
-        """Rollout + advantages for step `step`: (batch dict of device arrays, stats, new beta)."""
+    def collect(self, st, step: int, prompts: dict | None = None):
+        """Rollout + advantages for step `step` (of `prompts`, default: the step's): (batch dict of
+        device arrays, stats, new beta)."""
         rng = self.step_rng(step)
-        prompts = self.step_prompts(step)
+        prompts = self.step_prompts(step) if prompts is None else prompts
         tokens = self.sample(st, prompts, jax.random.fold_in(rng, 0))
-        exp = self.experience_fn(st["params"], self.policy_frozen, self.ref_store, st["critic_params"],
-                                 self.critic_frozen, self.rm_state, prompts["prompt_ids"], prompts["prompt_mask"],
-                                 tokens)
+        exp = self.call("experience", self.experience_fn, st["params"], self.policy_frozen, self.ref_store,
+                        st["critic_params"], self.critic_frozen, self.rm_state, prompts["prompt_ids"],
+                        prompts["prompt_mask"], tokens)
         scores = self.sequence_rewards(exp, prompts["prompt_ids"], tokens)
-        adv, stats, new_beta = self.advantages_fn(exp, scores, st["beta"])
+        adv, stats, new_beta = self.call("advantages", self.advantages_fn, exp, scores, st["beta"])
         if self.check_fn is not None:  # monitored, never trained on
             stats = {**stats, "check_score": jnp.mean(self._call_reward(prompts["prompt_ids"], tokens, exp["mask"],
                                                                         self.check_fn, "check_fn"))}
         batch = {**exp, **adv, "scores": scores, "prompt_ids": prompts["prompt_ids"]}
         return batch, stats, new_beta
+
+    def update(self, st, batch: dict, step: int):
+        """ppo.epochs x ppo.minibatches updates of the policy and the critic on `batch` (st donated)."""
+        rng = jax.random.fold_in(self.step_rng(step), 1)
+        return self.call("update", self.update_fn, st, self.policy_frozen, self.critic_frozen, batch, rng)
 
     def iteration(self, st, step: int):
         """One PPO iteration from state `st` (donated); returns (new state, metrics as floats)."""
@@ -362,8 +374,7 @@ class PPOTrainer(RolloutTrainer):
         batch, stats, new_beta = self.collect(st, step)
         jax.block_until_ready(batch["advantages"])
         t1 = time.perf_counter()
-        rng = jax.random.fold_in(self.step_rng(step), 1)
-        st, ustats = self.update_fn(st, self.policy_frozen, self.critic_frozen, batch, rng)
+        st, ustats = self.update(st, batch, step)
         st = {**st, "beta": new_beta}
         rec = {k: float(v) for k, v in jax.device_get({**stats, **ustats}).items()}
         t2 = time.perf_counter()

@@ -19,7 +19,7 @@ from ..data.sources import DataError, expand
 from ..train.config import ConfigError, RunConfig, Section, load_config, opt
 from ..train.loop import Task
 from ..train.run import barrier
-from .common import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
+from .supervised import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from ..data.templates import generation_prompt_ids, get_template
 from ..generate import generate
 from ..train.config import ON_ERROR, ConfigError, RunConfig, Section, load_config, opt
 from ..train.loop import Task
-from .common import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
+from .supervised import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
 from .pretrain import lm_loss
 
 @dataclass

@@ -29,7 +29,7 @@ def run_llama_jax(args) -> dict:
     import jax
 
     import llama_jax
-    from llama_jax.stages.common import flops_per_token
+    from llama_jax.stages.supervised import flops_per_token
     from llama_jax.stages.pretrain import PretrainConfig, lm_loss
     from llama_jax.train.config import load_config
     from llama_jax.train.loop import Task, train

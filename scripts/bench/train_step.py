@@ -89,7 +89,7 @@ def _jax_setup(spec):
     from flax import nnx
 
     import llama_jax
-    from llama_jax.stages.common import next_token, token_cross_entropy
+    from llama_jax.stages.supervised import next_token, token_cross_entropy
 
     runtime = dict(spec["runtime"])
     loss_kind, attn_kind = runtime.pop("_loss", "full"), runtime.pop("_attn", "lib")

@@ -31,12 +31,13 @@ from ..data.packing import StepIndexedBatches
 from ..data.records import USER, Conversation, Stats, iter_records, prompt_conversation
 from ..data.sources import DataError
 from ..data.templates import generation_prompt_ids, get_template
-from ..generate import left_pad
+from ..generate import decoder, left_pad
 from ..rl.rollout import get_reward_fn, reference_store, sample_responses
-from ..sharding import host_batch_to_global
+from ..sharding import batch_sharding, host_batch_to_global
 from ..train.config import ON_ERROR, ConfigError, RunConfig, Section, TrainSection, opt
 from ..train.optim import count_params
 from ..train.run import RunDir, TrainingError, build_mesh, build_model, build_tokenizer, check_vocab, trainable_filter
+from ..rl.rollout import reference_state
 
 
 # ----------------------------------------------------------------------------- config
@@ -145,6 +146,15 @@ def host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+_subtract = jax.jit(jnp.subtract)
+
+
+def rows_sharding(x):
+    """The sharding of a [B] vector over the rows of `x` (an array or ShapeDtypeStruct, [B, ...])."""
+    sh = x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding) else None
+    return None if sh is None else NamedSharding(sh.mesh, P(sh.spec[0] if len(sh.spec) else None))
+
+
 def reference_store_of(trainable):
     """rollout.reference_store, or for an abstract state (the planner's) the same leaves as shapes."""
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(trainable)):
@@ -232,12 +242,37 @@ class RolloutTrainer:
     def step_rng(self, step: int):
         return jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
 
+    # ------------------------------------------------------------------------- the pieces of an iteration
+    # An iteration's jitted pieces all run through `call`, its host-side ones through `call_host`,
+    # in the order the iteration runs them.  The planner (`llama_jax.plan`) replaces both (and
+    # `decoder`) on an abstract trainer, then calls the trainer's own `collect` and `update`: it
+    # lowers and compiles each piece on the previous pieces' abstract outputs, so what it measures
+    # is the real iteration's pieces in the real order.
+    decoder = staticmethod(decoder)  # () -> (jitted decode, hoist_layers) for this platform
+
+    def call(self, name: str, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    def call_host(self, name: str, fn, *args, out):
+        """A host-side piece (Python, e.g. a reward function); `out(*args)` gives the abstract
+        result for the planner, which cannot run it."""
+        return fn(*args)
+
     def step_prompts(self, step: int, repeat: int = 1) -> dict:
-        """Step `step`'s prompts as global arrays; each row `repeat` times in a row (a group)."""
-        local = self.batches.batch(step)
+        """Step `step`'s prompts as global arrays (ids, mask, lengths); each row `repeat` times in a
+        row (a group)."""
+        local = dict(self.batches.batch(step))
+        local["prompt_positions"] = np.asarray(local["prompt_mask"]).sum(-1).astype(np.int32)
         if repeat > 1:
             local = {k: np.repeat(np.asarray(v), repeat, axis=0) for k, v in local.items()}
         return host_batch_to_global(local, self.mesh)
+
+    def abstract_prompts(self) -> dict:
+        """What step_prompts returns, as ShapeDtypeStructs with their shardings (for the planner)."""
+        rows2, rows1 = batch_sharding(self.mesh, 2), batch_sharding(self.mesh, 1)
+        ids = jax.ShapeDtypeStruct((self.B, self.P), jnp.int32, sharding=rows2)
+        return {"prompt_ids": ids, "prompt_mask": ids,
+                "prompt_positions": jax.ShapeDtypeStruct((self.B,), jnp.int32, sharding=rows1)}
 
     def sample(self, st, prompts: dict, rng):
         """Responses [B, N] sampled from the current policy at <section>.temperature."""
@@ -245,13 +280,17 @@ class RolloutTrainer:
         return sample_responses(self.policy_graphdef, state, self.config, prompts["prompt_ids"],
                                 prompts["prompt_mask"], rng, max_new_tokens=self.N,
                                 temperature=self.opts.temperature, eos_ids=self.eos_ids,
-                                pad_id=self.pad_id, mesh=self.mesh)
+                                pad_id=self.pad_id, mesh=self.mesh, positions=prompts["prompt_positions"],
+                                call=self.call, decoder_fn=self.decoder)
 
     def sequence_rewards(self, exp: dict, prompt_ids, tokens):
         """[B] float32: the reward function's value, or the reward model's score minus its offset."""
         if self.reward_fn is not None:
-            return self._call_reward(prompt_ids, tokens, exp["mask"])
-        return exp["scores"] - jnp.float32(self.reward_offset)  # normalised RM score
+            return self.call_host("reward_fn", self._call_reward, prompt_ids, tokens, exp["mask"],
+                                  out=lambda p, t, m: jax.ShapeDtypeStruct((t.shape[0],), jnp.float32,
+                                                                           sharding=rows_sharding(m)))
+        # the normalised RM score
+        return self.call("reward_offset", _subtract, exp["scores"], jnp.float32(self.reward_offset))
 
     def _call_reward(self, prompt_ids, tokens, mask, fn=None, key: str = "reward_fn"):
         """fn (default: the reward function) on the host, checked, back as a [B] device array."""
@@ -262,10 +301,9 @@ class RolloutTrainer:
             raise TrainingError(f"{name} returned shape {r.shape}, expected ({t.shape[0]},)")
         if not np.all(np.isfinite(r)):
             raise TrainingError(f"{name} returned non-finite rewards")
-        sh = mask.sharding if isinstance(mask.sharding, NamedSharding) else None
+        sh = rows_sharding(mask)
         if sh is None:
             return jnp.asarray(r)
-        sh = NamedSharding(sh.mesh, P(sh.spec[0] if len(sh.spec) else None))
         return jax.make_array_from_callback(r.shape, sh, lambda idx: r[idx])
 
     # ------------------------------------------------------------------------- the loop shell
@@ -309,6 +347,5 @@ class RolloutTrainer:
         return nnx.merge(self.policy_graphdef, st["params"], self.policy_frozen)
 
     def reference_model(self, st):
-        from ..rl.rollout import reference_state
 
         return nnx.merge(self.policy_graphdef, reference_state(st["params"], self.ref_store), self.policy_frozen)

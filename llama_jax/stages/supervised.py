@@ -11,7 +11,7 @@ import optax
 
 from ..data.packing import pack, tokenize_documents
 from ..data.sources import DataError, expand, load_texts
-from ..train.config import ConfigError, RunConfig
+from ..train.config import RunConfig
 from ..train.loop import EvalSet, train
 from ..train.run import build, trainable_filter
 
