@@ -22,7 +22,7 @@ from .hf import load, save_hf
 from .model import Llama, abstract_model, has_lora
 from .sharding import named_sharding, to_host
 from .tokenizer.new_rows import base_ids_of_new_pieces, init_new_rows
-from .tokenizer.sp_model import SP_FILE_NAME, as_proto
+from .tokenizer.sp_model import SP_FILE_NAME, TokenizerFormatError, as_proto, resolve_model_path
 
 # the parameters that grow
 _EMBED = ("embed_tokens", "embedding")
@@ -141,12 +141,10 @@ def resize_embeddings(model: Llama, merged_tokenizer, base_tokenizer=None,
 
 
 def _sp_model_path(path, what: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / SP_FILE_NAME
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} {path}: no {SP_FILE_NAME} (a sentencepiece tokenizer.model is needed)")
-    return p
+    try:
+        return resolve_model_path(path)
+    except TokenizerFormatError:
+        raise FileNotFoundError(f"{what} {path}: no {SP_FILE_NAME} (a sentencepiece tokenizer.model is needed)") from None
 
 
 def cmd_resize(args) -> int:

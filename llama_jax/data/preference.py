@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .records import (ASSISTANT, ROLE_NAMES, USER, Conversation, RecordError, Stats, alpaca_prompt,
-                      history_messages, iter_records, message_keys, parse_messages, required_field, str_field,
+                      history_messages, load_encoded, message_keys, parse_messages, required_field, str_field,
                       system_prompt)
-from .sources import DataError
 from .templates import Template, get_template, prompt_and_reply_ids
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
@@ -141,16 +140,10 @@ def load_pairs(paths, tokenizer, template: str | Template, max_length: int, on_e
                max_prompt_length: int | None = None) -> tuple[list[PairExample], Stats]:
     """Encoded pairs of every usable record and the counts ('records', 'pairs', 'skipped_*', ...)."""
     template = get_template(template)
-    stats = Stats()
-    out = []
-    for source, pref in iter_records(paths, to_preference, stats, on_error):
-        pair = encode_pair(pref, tokenizer, template, max_length, max_prompt_length, stats, source)
-        if pair is not None:
-            out.append(pair)
-            stats.add("pairs", source=source)
-    if not stats["records"]:
-        raise DataError("no records to load")
-    return out, stats
+    return load_encoded(paths, to_preference,
+                        lambda pref, stats, source: encode_pair(pref, tokenizer, template, max_length,
+                                                                max_prompt_length, stats, source),
+                        "pairs", on_error)
 
 
 def pair_batch(pairs: list[PairExample], pad_id: int, multiple: int = 1) -> dict[str, np.ndarray]:

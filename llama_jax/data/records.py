@@ -321,3 +321,19 @@ def iter_records(paths_or_dataset, parse, stats: Stats, on_error: str = "skip"):
             continue
         yield source, item
 
+
+def load_encoded(paths_or_dataset, parse, encode, kind: str, on_error: str = "skip") -> tuple[list, Stats]:
+    """Every usable record: parsed (`parse(rec, stats, source)`, as iter_records), then encoded
+    (`encode(item, stats, source)`, None = skipped, counted by `encode`), each counted as `kind`.
+    Returns (the encoded items, the counts); a DataError when there were no records at all."""
+    stats = Stats()
+    out = []
+    for source, item in iter_records(paths_or_dataset, parse, stats, on_error):
+        enc = encode(item, stats, source)
+        if enc is not None:
+            out.append(enc)
+            stats.add(kind, source=source)
+    if not stats["records"]:
+        raise DataError("no records to load")
+    return out, stats
+

@@ -12,8 +12,7 @@ import math
 import numpy as np
 
 from .preference import PairExample, encode_pair, pair_batch, to_preference
-from .records import RecordError, Stats, iter_records
-from .sources import DataError
+from .records import RecordError, Stats, load_encoded
 from .templates import get_template
 
 
@@ -21,7 +20,6 @@ def load_rm_pairs(paths, tok, template, max_length, max_prompt_length=None, marg
                   on_error="skip") -> tuple[list[PairExample], np.ndarray, Stats]:
     """Encoded pairs plus each pair's margin (record field `margin_field`, 0 when absent)."""
     template = get_template(template)
-    stats = Stats()
 
     def parse(rec, stats, source):
         pref = to_preference(rec, stats, source)
@@ -32,16 +30,13 @@ def load_rm_pairs(paths, tok, template, max_length, max_prompt_length=None, marg
             raise RecordError("bad_margin", margin_field, f"{m!r} is not a finite number")
         return pref, float(m)
 
-    pairs, margins = [], []
-    for source, (pref, m) in iter_records(paths, parse, stats, on_error):
+    def encode(item, stats, source):
+        pref, m = item
         pair = encode_pair(pref, tok, template, max_length, max_prompt_length, stats, source)
-        if pair is not None:
-            pairs.append(pair)
-            margins.append(m)
-            stats.add("pairs", source=source)
-    if not stats["records"]:
-        raise DataError("no records to load")
-    return pairs, np.asarray(margins, np.float32), stats
+        return None if pair is None else (pair, m)
+
+    out, stats = load_encoded(paths, parse, encode, "pairs", on_error)
+    return [p for p, _ in out], np.asarray([m for _, m in out], np.float32), stats
 
 
 def collate(pairs, margins, weights, pad_id: int, multiple: int = 1) -> dict[str, np.ndarray]:

@@ -18,8 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .records import Conversation, Stats, iter_records, to_conversation
-from .sources import DataError
+from .records import Conversation, Stats, load_encoded, to_conversation
 from .templates import Template, get_template
 
 IGNORE_INDEX = -100
@@ -72,16 +71,9 @@ def load_sft(paths_or_dataset, tokenizer, template: str | Template, max_length: 
              on_error: str = "skip") -> tuple[list[EncodedExample], Stats]:
     """Encoded examples of every usable record, and the counts of what was skipped or cut."""
     template = get_template(template)
-    stats = Stats()
-    out = []
-    for source, conv in iter_records(paths_or_dataset, to_conversation, stats, on_error):
-        ex = encode(conv, tokenizer, template, max_length, stats, source)
-        if ex is not None:
-            out.append(ex)
-            stats.add("examples", source=source)
-    if not stats["records"]:
-        raise DataError("no records to load")
-    return out, stats
+    return load_encoded(paths_or_dataset, to_conversation,
+                        lambda conv, stats, source: encode(conv, tokenizer, template, max_length, stats, source),
+                        "examples", on_error)
 
 
 # ----------------------------------------------------------------------------- batching

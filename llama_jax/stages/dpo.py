@@ -19,23 +19,11 @@ from ..data.packing import StepIndexedBatches
 from ..lora import lora_off
 from ..data.preference import load_pairs, pair_batch
 from ..data.sources import DataError, expand
-from ..train.config import ON_ERROR, ConfigError, RunConfig, Section, load_config, opt
+from ..train.config import ConfigError, RunConfig, Section, load_config, opt
 from ..train.loop import Task
-from .supervised import eval_batches, flops_per_token, run_stage
+from .supervised import PairData, eval_batches, flops_per_token, run_stage
 
 LOSSES = ("sigmoid", "hinge", "ipo")
-
-
-@dataclass
-class PairData(Section):
-    """Preference pairs (DPO, reward model): prompt + chosen + rejected records."""
-    train_files: list[str] = opt([], "preference records: prompt/chosen/rejected, or conversations + chosen/rejected")
-    eval_files: list[str] = opt([], "held-out pairs (default: data.eval_fraction of the pairs)")
-    eval_fraction: float = opt(0.1, "pairs held out when there are no eval_files")
-    template: str = opt("chinese-alpaca-2", "chat template (llama2-chat, chinese-alpaca-2, alpaca, tokenizer)")
-    max_length: int = opt(512, "tokens of prompt + response; longer pairs are skipped or truncated")
-    max_prompt_length: int | None = opt(None, "prompt tokens kept (left-truncated) when a pair is too long")
-    on_error: str = opt("skip", "a bad record: skip (counted) or error (stop, naming file, record and field)", ON_ERROR)
 
 
 @dataclass

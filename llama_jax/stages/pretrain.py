@@ -19,16 +19,30 @@ from ..data.sources import DataError, expand
 from ..train.config import ConfigError, RunConfig, Section, load_config, opt
 from ..train.loop import Task
 from ..train.run import barrier
-from .supervised import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
+from .supervised import DataFiles, eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PretrainData(Section):
-    train_files: list[str] = opt([], "text files (txt / json / jsonl / parquet, globs) to train on")
-    eval_files: list[str] = opt([], "held-out text files (default: the last data.eval_fraction of the documents)")
-    eval_fraction: float = opt(0.05, "documents held out when there are no eval_files")
+class MixtureSource(Section):
+    """One source of a weighted mixture: text files or a token-shards directory."""
+    files: list[str] = opt([], "text files (globs allowed)")
+    shards: str | None = opt(None, "a `llama-jax data tokenize` directory")
+    weight: float = opt(1.0, "sampling weight (rows are drawn in proportion)")
+    text_field: str | None = opt(None, "json / jsonl / parquet text field (default: data.text_field)")
+
+    def check(self, where: str = "") -> None:
+        if bool(self.files) == bool(self.shards):
+            raise ConfigError(f"{where.rstrip('.')}: give exactly one of files and shards")
+        if not self.weight > 0:
+            raise ConfigError(f"{where}weight: {self.weight} (must be > 0)")
+
+
+@dataclass
+class PretrainData(DataFiles):
+    """Text files (or token shards); without eval_files the last data.eval_fraction of the documents
+    are held out."""
     text_field: str = opt("text", "the text field of json / jsonl / parquet records")
     block_size: int = opt(512, "tokens per packed row")
     num_proc: int = opt(1, "tokenizer processes")
@@ -38,7 +52,7 @@ class PretrainData(Section):
     max_documents: int | None = opt(None, "use at most this many documents per source")
     eval_sets: dict = opt({}, "{name: [text files]}: each logged as eval_<name>_loss / _ppl / _bpc (forgetting)")
     shards: str | None = opt(None, "a `llama-jax data tokenize` directory instead of train_files")
-    mixture: list[dict] = opt([], "weighted sources [{files: [...] | shards: DIR, weight: W, text_field: F}]")
+    mixture: list[MixtureSource] = opt([], "weighted sources [{files: [...] | shards: DIR, weight: W, text_field: F}]")
     on_bad_utf8: str = opt("skip", "undecodable bytes in a text file", ("skip", "error"))
     chunk_mb: float = opt(64.0, "tokenisation chunk size (MB of text)")
 
@@ -81,14 +95,8 @@ def build_task(cfg: PretrainConfig, tok, model, run_dir: Path):
     cache = cfg.path(dc.cache_dir) or str(run_dir / "cache")
     G = tc.batch_size
     bos, eos = getattr(tok, "bos_token_id", None), (getattr(tok, "eos_token_id", None) if dc.append_eos else None)
-    for i, m in enumerate(dc.mixture):
-        bad = set(m) - {"files", "shards", "weight", "text_field"} if isinstance(m, dict) else {"<not a mapping>"}
-        if bad or not (m.get("files") or m.get("shards")):
-            raise ConfigError(f"data.mixture[{i}]: expected {{files: [...] | shards: DIR, weight: W, text_field: F}}, "
-                              f"got {m!r}")
     if dc.mixture:
-        srcs = [(m.get("shards") or m.get("files"), float(m.get("weight", 1.0)), m.get("text_field", dc.text_field))
-                for m in dc.mixture]
+        srcs = [(m.shards or m.files, m.weight, m.text_field or dc.text_field) for m in dc.mixture]
     else:
         train = dc.shards or dc.train_files
         if not train:

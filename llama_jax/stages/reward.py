@@ -29,10 +29,11 @@ from ..hf import save_hf
 from ..rl.reward_model import (NORM_FILE, add_norm_to_export, init_score_head, last_token_scores, read_norm,
                                rm_loss, score_head_float32, score_model_from_lm)
 from ..sharding import host_batch_to_global
-from ..train.config import ON_ERROR, ConfigError, RunConfig, Section, TrainSection, load_config, opt
+from ..train.config import ConfigError, RunConfig, Section, TrainSection, load_config, opt
 from ..train.loop import Task, train
 from ..train.run import barrier, build_mesh, build_model, build_tokenizer, check_vocab, is_primary, tokenizer_path, \
     trainable_filter
+from .supervised import PairData
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,11 @@ INIT_DIR = "init_score"  # HF causal-LM init converted once to a score-head chec
 
 
 @dataclass
-class RMData(Section):
-    train_files: list[str] = opt([], "preference records: prompt/chosen/rejected, or conversations + chosen/rejected")
-    eval_files: list[str] = opt([], "held-out pairs (default: a seeded data.eval_fraction of the pairs)")
-    eval_fraction: float = opt(0.1, "pairs held out when there are no eval_files")
-    template: str = opt("chinese-alpaca-2", "chat template (llama2-chat, chinese-alpaca-2, alpaca, tokenizer)")
-    max_length: int = opt(512, "tokens of prompt + response; longer pairs are skipped or truncated")
-    max_prompt_length: int | None = opt(None, "prompt tokens kept (left-truncated) when a pair is too long")
+class RMData(PairData):
+    """Preference pairs (a seeded random data.eval_fraction held out when there are no eval_files)."""
     pad_id: int | None = opt(None, "PAD id (never EOS; default: the model's pad_token_id, else the tokenizer's)")
     pad_to_multiple: int = opt(64, "batch width rounded up to a multiple of this (fewer compiled shapes)")
     margin_field: str | None = opt("margin", "record field with a per-pair margin (absent: 0)")
-    on_error: str = opt("skip", "a bad record: skip (counted) or error (stop, naming file, record and field)", ON_ERROR)
     max_pairs: int | None = opt(None, "use at most this many training pairs")
     epochs: float = opt(1.0, "passes over the pairs when train.steps is null")
 

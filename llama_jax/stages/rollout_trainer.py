@@ -33,7 +33,7 @@ from ..data.sources import DataError
 from ..data.templates import generation_prompt_ids, get_template
 from ..generate import decoder, left_pad
 from ..rl.rollout import get_reward_fn, reference_store, sample_responses
-from ..sharding import batch_sharding, host_batch_to_global
+from ..sharding import batch_sharding, host_batch_to_global, to_host
 from ..train.config import ON_ERROR, ConfigError, RunConfig, Section, TrainSection, opt
 from ..train.optim import count_params
 from ..train.run import RunDir, TrainingError, build_mesh, build_model, build_tokenizer, check_vocab, trainable_filter
@@ -135,15 +135,6 @@ def reward_offset(cfg: RunConfig, opts: RolloutOptions) -> float:
             if val is not None:
                 return float(val)
     return 0.0
-
-
-def host(x) -> np.ndarray:
-    """A (possibly multi-host) device array as a whole numpy array on every process."""
-    if not x.is_fully_addressable:  # multi-host: every process gets the whole (small) array
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
 
 
 _subtract = jax.jit(jnp.subtract)
@@ -294,7 +285,7 @@ class RolloutTrainer:
 
     def _call_reward(self, prompt_ids, tokens, mask, fn=None, key: str = "reward_fn"):
         """fn (default: the reward function) on the host, checked, back as a [B] device array."""
-        p, t, m = host(prompt_ids), host(tokens), host(mask)
+        p, t, m = to_host(prompt_ids), to_host(tokens), to_host(mask)
         name = f"{self.section}.{key} {getattr(self.opts, key)!r}"
         r = np.asarray((fn or self.reward_fn)(p, t, m), dtype=np.float32)
         if r.shape != (t.shape[0],):

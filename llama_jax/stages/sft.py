@@ -20,21 +20,17 @@ from ..data.sft_examples import IGNORE_INDEX, bucket_batches, load_sft, pack_exa
 from ..data.sources import DataError, expand
 from ..data.templates import generation_prompt_ids, get_template
 from ..generate import generate
-from ..train.config import ON_ERROR, ConfigError, RunConfig, Section, load_config, opt
+from ..train.config import ConfigError, RunConfig, load_config, opt
 from ..train.loop import Task
-from .supervised import eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
+from .supervised import ChatFiles, eval_batches, flops_per_token, next_token, run_stage, text_eval_sets, token_cross_entropy
 from .pretrain import lm_loss
 
 @dataclass
-class SFTData(Section):
-    train_files: list[str] = opt([], "chat data: alpaca / sharegpt / messages records (json, jsonl, parquet)")
-    eval_files: list[str] = opt([], "held-out chat data (default: the last data.eval_fraction of the examples)")
-    eval_fraction: float = opt(0.05, "examples held out when there are no eval_files")
-    template: str = opt("chinese-alpaca-2", "chat template (llama2-chat, chinese-alpaca-2, alpaca, tokenizer)")
-    max_length: int = opt(512, "tokens per example / packed row; longer examples are skipped")
+class SFTData(ChatFiles):
+    """Alpaca / sharegpt / messages records; without eval_files the last data.eval_fraction of the
+    examples are held out."""
     batching: str = opt("pack", "pack: several conversations per row; bucket: length buckets; pad: to max_length",
                         ("pack", "bucket", "pad"))
-    on_error: str = opt("skip", "a bad record: skip (counted) or error (stop, naming file, record and field)", ON_ERROR)
     sample_prompts: list[str] = opt(["请介绍一下中国的首都。", "用一句话解释什么是机器学习。"],
                                     "answered at each eval (RUN_DIR/samples.jsonl)")
     sample_max_new_tokens: int = opt(64, "tokens per sample answer")

@@ -2,6 +2,7 @@
 (forgetting), and `run_stage`, the shape of every supervised stage on the shared loop."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -11,11 +12,37 @@ import optax
 
 from ..data.packing import pack, tokenize_documents
 from ..data.sources import DataError, expand, load_texts
-from ..train.config import RunConfig
+from ..train.config import ON_ERROR, RunConfig, Section, opt
 from ..train.loop import EvalSet, train
 from ..train.run import build, trainable_filter
 
 
+# ----------------------------------------------------------------------------- the data sections
+@dataclass
+class DataFiles(Section):
+    """Training files and what is held out for eval (every supervised stage's `data` starts so)."""
+    train_files: list[str] = opt([], "training data files (json / jsonl / parquet / txt, globs allowed)")
+    eval_files: list[str] = opt([], "held-out files (default: data.eval_fraction of the training data)")
+    eval_fraction: float = opt(0.05, "share of the training data held out when there are no eval_files")
+
+
+@dataclass
+class ChatFiles(DataFiles):
+    """Chat / preference records rendered with a chat template."""
+    template: str = opt("chinese-alpaca-2", "chat template (llama2-chat, chinese-alpaca-2, alpaca, tokenizer)")
+    max_length: int = opt(512, "tokens per example; longer examples are skipped (counted) or truncated")
+    on_error: str = opt("skip", "a bad record: skip (counted) or error (stop, naming file, record and field)", ON_ERROR)
+
+
+@dataclass
+class PairData(ChatFiles):
+    """Preference records (prompt / chosen / rejected, or conversations + chosen / rejected), for DPO
+    and the reward model."""
+    eval_fraction: float = opt(0.1, "share of the pairs held out when there are no eval_files")
+    max_prompt_length: int | None = opt(None, "prompt tokens kept (left-truncated) when a pair is too long")
+
+
+# ----------------------------------------------------------------------------- losses
 def next_token(x, fill=0):
     """x shifted one position left, `fill` at the end: row t holds token t+1.  Losses score all T
     logits against these targets (the last weighted 0) instead of slicing logits[:, :-1], whose

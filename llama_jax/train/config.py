@@ -172,7 +172,11 @@ class Section:
         out = {}
         for f in self.options():
             v = getattr(self, f.name)
-            out[f.name] = v.to_dict() if isinstance(v, Section) else copy.deepcopy(v)
+            if isinstance(v, Section):
+                v = v.to_dict()
+            elif isinstance(v, list):
+                v = [x.to_dict() if isinstance(x, Section) else copy.deepcopy(x) for x in v]
+            out[f.name] = copy.deepcopy(v) if isinstance(v, dict) else v
         return out
 
     def replace(self, **changes):
@@ -382,6 +386,8 @@ def format_config(cfg: Section, indent: int = 0) -> str:
             lines.append(f"{pad}{f.name}:" + (f"  # {doc}" if doc else ""))
             lines.append(format_config(v, indent + 1))
             continue
+        if isinstance(v, list):
+            v = [x.to_dict() if isinstance(x, Section) else x for x in v]
         text = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else \
             yaml.safe_dump(v, default_flow_style=True, allow_unicode=True).strip().removesuffix("...").strip()
         choices = f.metadata.get("choices")
