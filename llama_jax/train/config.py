@@ -162,6 +162,10 @@ class Section:
                 raise ConfigError(f"{where}{f.name}: {v!r} is not one of {', '.join(map(str, choices))}")
             kw[f.name] = v
         out = cls(**kw)
+        for f in cls.options():  # sections left at their defaults are checked too (e.g. ppo: needs a reward)
+            v = getattr(out, f.name)
+            if f.name not in d and isinstance(v, Section):
+                v.check(where + f.name + ".")
         out.check(where)
         return out
 
