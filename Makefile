@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP) $(PLAN_VENV)/.installed
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-# the long runs too (3 GB corpus, tiny real-data demo, 5-shot parity, SmolLM2 serving, ...): ~30 min
+# the long runs too (3 GB corpus, 5-shot parity, SmolLM2 serving, ...): ~28 min
 test-all: $(STAMP) $(PLAN_VENV)/.installed
 	$(BIN)/python -m pytest -q tests
 

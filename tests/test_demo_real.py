@@ -75,7 +75,6 @@ def test_tokenizer_stage_on_real_corpora(tmp_path, data_dir):
     assert data.clean_report["records_out"] == rep["records_out"] < rep["records_in"] == 2000
 
 
-@pytest.mark.slow
 def test_tiny_real_demo_end_to_end(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("real")
     assert main(["demo", "--data", str(data_dir), "--out", str(out), "--size", "tiny"]) == 0
