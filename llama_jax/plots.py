@@ -33,6 +33,13 @@ def _panel(ax, recs, keys, title, ylabel=None, logy=False):
         ax.legend(fontsize=8)
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def demo_plots(runs: Path, out: Path, stages: dict | None = None) -> list[Path]:
     """losses.png (pretrain / SFT / RM), rm_accuracy.png, ppo.png (reward, KL, length), grpo.png
     (when a GRPO run exists), stages.png (held-out exact-match, RM score, KL of SFT / PPO / GRPO
@@ -50,38 +57,26 @@ def demo_plots(runs: Path, out: Path, stages: dict | None = None) -> list[Path]:
     _panel(axes[0], m["pretrain"], ["loss", "eval_loss"], "pretraining", "cross entropy", logy=True)
     _panel(axes[1], m["sft"], ["loss", "eval_loss"], "SFT (LoRA)", "cross entropy (responses)", logy=True)
     _panel(axes[2], m["rm"], ["loss", "eval_loss"], "reward model", "pairwise loss")
-    fig.tight_layout()
-    written.append(out / "losses.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(plt, fig, out / "losses.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.8))
     _panel(ax, m["rm"], ["accuracy", "eval_accuracy"], "reward model accuracy", "accuracy")
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-    fig.tight_layout()
-    written.append(out / "rm_accuracy.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(plt, fig, out / "rm_accuracy.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     _panel(axes[0], m["ppo"], ["score", "reward", "check_score"], "PPO reward (check_score: never trained on)",
            "per rollout")
     _panel(axes[1], m["ppo"], ["kl"], "PPO KL(policy || reference)", "nats / sequence")
     _panel(axes[2], m["ppo"], ["response_length"], "PPO response length", "tokens")
-    fig.tight_layout()
-    written.append(out / "ppo.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(plt, fig, out / "ppo.png"))
 
     if m["grpo"]:
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
         _panel(axes[0], m["grpo"], ["score"], "GRPO checker reward", "per rollout")
         _panel(axes[1], m["grpo"], ["kl"], "GRPO KL(policy || reference)", "nats / sequence")
         _panel(axes[2], m["grpo"], ["equal_group_frac"], "GRPO groups with all-equal rewards", "fraction")
-        fig.tight_layout()
-        written.append(out / "grpo.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(plt, fig, out / "grpo.png"))
     if stages:
         names = [k for k in ("sft", "ppo", "grpo") if k in stages and "exact_match" in stages[k]]
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
@@ -90,8 +85,5 @@ def demo_plots(runs: Path, out: Path, stages: dict | None = None) -> list[Path]:
             ax.bar(names, [stages[k].get(key) or 0.0 for k in names], color=["#777", "#c63", "#36c"][:len(names)])
             ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        written.append(out / "stages.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(plt, fig, out / "stages.png"))
     return written

@@ -249,32 +249,25 @@ class Cleaner:
     # -- fixes
     def fix(self, text: str, mods: Counter) -> str:
         c = self.cfg
+
+        def apply(fn, key):  # one repair; counted when it changed the text
+            nonlocal text
+            t = fn(text)
+            if t != text:
+                mods[key] += 1
+                text = t
+
         if c.fix_text:
             if _MOJI_HINT.search(text):  # before stripping controls: mojibake holds C1 characters ftfy needs
                 import ftfy
 
-                t = ftfy.fix_encoding(text)
-                if t != text:
-                    mods["mojibake_fixed"] += 1
-                    text = t
-            t = _CTRL.sub("", text)
-            if t != text:
-                mods["control_chars"] += 1
-                text = t
+                apply(ftfy.fix_encoding, "mojibake_fixed")
+            apply(lambda t: _CTRL.sub("", t), "control_chars")
         if self.t2s is not None:
-            t = self.t2s.convert(text)
-            if t != text:
-                mods["to_simplified"] += 1
-                text = t
+            apply(self.t2s.convert, "to_simplified")
         if c.mask_pii:
-            t = _EMAIL.sub("[EMAIL]", text)
-            if t != text:
-                mods["masked_email"] += 1
-                text = t
-            t = _PHONE.sub("[PHONE]", text)
-            if t != text:
-                mods["masked_phone"] += 1
-                text = t
+            apply(lambda t: _EMAIL.sub("[EMAIL]", t), "masked_email")
+            apply(lambda t: _PHONE.sub("[PHONE]", t), "masked_phone")
         return text
 
     def parse(self, source, where, rec, fmt) -> _Rec:

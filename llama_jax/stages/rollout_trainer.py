@@ -307,8 +307,7 @@ class RolloutTrainer:
         tc = self.cfg.train
         rd = RunDir(run_dir, self.cfg, self.task)
         st = self.init_state()
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st)
-        start, restored = rd.restore(self.checkpoint_items(abstract))
+        start, restored = rd.restore(self.checkpoint_items(st))  # restored onto st's shardings
         if restored is not None:
             st = self.from_checkpoint_items(restored)
         last, window = {}, []

@@ -236,6 +236,30 @@ def interleave(workers: list[Worker], rounds: int, per_round: int = 1, log=print
 QUIET_CORES = 0.3  # a sample counts as quiet when other processes used less than this many cores
 
 
+def timed_trainer(make, warmup: int):
+    """An RL trainer (PPO / GRPO) built by make() and its iteration, timed the same way in every
+    benchmark: returns (trainer, one() -> the next iteration's metrics (state kept, waited for),
+    setup seconds, the first iteration's metrics, its seconds (compiles included), the warm-up
+    iterations' metrics)."""
+    import jax
+
+    t0 = time.perf_counter()
+    tr = make()
+    state = {"st": tr.init_state(), "step": 0}
+    setup_s = time.perf_counter() - t0
+
+    def one():
+        st, rec = tr.iteration(state["st"], state["step"])
+        jax.block_until_ready(st)
+        state["st"], state["step"] = st, state["step"] + 1
+        return rec
+
+    t0 = time.perf_counter()
+    first = one()
+    first_s = time.perf_counter() - t0
+    return tr, one, setup_s, first, first_s, [one() for _ in range(warmup)]
+
+
 def quiet_samples(samples: list[dict], threshold: float = QUIET_CORES) -> tuple[list[int], bool]:
     """Indices of one contender's samples to summarise: its quiet ones if there are at least 2,
     else all of them (then flagged contended=True)."""

@@ -131,22 +131,7 @@ def _jax_setup(spec):
                              "progress": False, "checkpoint_every": 0},
                    "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}, f)
     cfg = load_config(ppo.PPOConfig, cfg_path, [])
-    t0 = time.perf_counter()
-    tr = ppo.PPOTrainer(cfg)
-    st = tr.init_state()
-    setup_s = time.perf_counter() - t0
-    state = {"st": st, "step": 0}
-
-    def one():
-        st, rec = tr.iteration(state["st"], state["step"])
-        jax.block_until_ready(st)
-        state["st"], state["step"] = st, state["step"] + 1
-        return rec
-
-    t0 = time.perf_counter()
-    rec = one()
-    first_s = time.perf_counter() - t0
-    warm = [one() for _ in range(spec["warmup"])]
+    tr, one, setup_s, rec, first_s, warm = common.timed_trainer(lambda: ppo.PPOTrainer(cfg), spec["warmup"])
     sizes = {"policy": tr.n_policy_params, "critic": tr.n_critic_params}
 
     def step():
