@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", choices=["default", "tiny"], default="default",
                    help="tiny: a few steps per stage (a smoke test of the whole pipeline)")
     d.add_argument("--seed", type=int, default=None, help="seed of the data and every stage (default 0)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --data: change one of the run's sizes (llama_jax.demo_real.RealSizes: steps, "
+                        "lengths, en_replay share, ...); repeatable")
     d.set_defaults(func=_cmd_demo)
 
     def _cmd_resize(args) -> int:

@@ -9,16 +9,20 @@ Contract
   names every missing file.  BASE: `stories260K` (default: DATA/models/stories260K, a llama2.c
   .bin + tok512.model, converted with `llama_jax.convert`), a llama2.c `.bin` with a sentencepiece
   tokenizer.model beside it, or an HF Llama directory (config.json model_type llama) with a
-  sentencepiece tokenizer.model; anything else is refused with a ValueError before any work.
-- Stages: 1 tokenizer (Chinese BPE on the zh corpora, vocab raised to cover their characters,
-  merged into the base's sentencepiece model; chars/token on held-out Chinese and the check that
-  held-out English encodes to the same ids), 2 resize (sub-piece-mean rows), 3 continued
-  pretraining (full for a base under `FULL_TRAIN_MAX_PARAMS`, else LoRA + embed/lm_head) with
-  eval sets zh / en logged in metrics.jsonl, and bits per character of both held-out files through
-  `llama-jax eval` before (base model + base tokenizer, and resized) and after, 4 SFT on zh-sft
-  cleaned by `llama-jax data clean` (its report kept), 5 reward model (held-out pair accuracy),
-  6 PPO against the RM (held-out prompts: RM score of greedy replies before/after, KL, length),
-  7 CMMLU / C-Eval (a few subjects, --limit) through `llama-jax eval`, samples, plots.
+  sentencepiece tokenizer.model (LLaMA-2) or a byte-level BPE tokenizer.json (SmolLM2); anything
+  else is refused with a ValueError before any work.
+- Stages: 1 tokenizer (sentencepiece: a Chinese BPE on the zh corpora, vocab raised to cover their
+  characters, merged into the base's model; byte-level: continuation BPE merges appended to the
+  base's; chars/token on held-out Chinese and the check that held-out English encodes to the same
+  ids), 2 resize (sub-piece-mean rows), 3 continued pretraining (full for a base under
+  `FULL_TRAIN_MAX_PARAMS`, else LoRA + embed/lm_head) on the zh corpora with English replay
+  (`english_replay`, share `en_replay` of the rows) and eval sets zh / en logged in metrics.jsonl,
+  and bits per character of both held-out files through `llama-jax eval` before (base model + base
+  tokenizer, and resized) and after, 4 SFT on zh-sft cleaned by `llama-jax data clean` (its report
+  kept), 5 reward model (held-out pair accuracy), 6 PPO and 7 GRPO against the RM (held-out
+  prompts: RM score of greedy replies before/after, KL, length), 8 CMMLU / C-Eval (a few
+  subjects, --limit) through `llama-jax eval`, samples, plots.  Sizes: `SIZES[--size]` with
+  `--seed` and `--set KEY=VALUE` applied (`sizes_for`).
 - OUT/report.json is rewritten after every stage (a stopped run still has one); each stage entry
   has `meaning` and `cannot_show`.  Exit status 0 only when every stage ran.
 """
@@ -28,7 +32,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -39,16 +43,18 @@ from .config import LlamaConfig
 from .convert import ConvertConfig, convert
 from .data.clean import CleanConfig, clean
 from .data.en_stories import STORIES as EN_STORIES
-from .demo import TEMPLATE, Report, answers, count_tokens, rm_scores
+from .demo import TEMPLATE, Report, answers, rm_scores
 from .export import export
 from .fsutil import write_text_atomic
 from .plots import demo_plots, read_metrics
-from .stages import ppo, pretrain, reward, sft
+from .stages import grpo, ppo, pretrain, reward, sft
 from .stages.evaluate import EvalConfig, run_eval
-from .text import load_tokenizer
+from .text import encode, load_tokenizer
+from .tokenizer.byte_bpe import ByteBPEOptions, extend_byte_level_bpe
+from .tokenizer.byte_bpe import pad_id_of as byte_bpe_pad_id
 from .tokenizer.merge import MergeOptions, merge_tokenizers
 from .tokenizer.train import TrainOptions, train_bpe
-from .vocab_resize import resize_embeddings
+from .vocab_resize import byte_level_dir, resize_embeddings
 
 # A base below this many parameters is trained in full in continued pretraining (stories260K:
 # 0.26M); larger bases train LoRA factors + embed_tokens / lm_head (Chinese-LLaMA-2's recipe).
@@ -77,6 +83,9 @@ class RealSizes:
     en_eval_chars: int = 20000           # wiki_demo characters (HF bases; stories260K: en_stories)
     zh_vocab: int = 4000                 # requested; raised to cover the corpus's characters
     block_size: int = 256
+    en_replay: float = 0.25              # share of continued-pretraining rows that replay English (0: none)
+    replay_docs: int = 128               # English replay documents (stories260K: sampled from the base)
+    replay_tokens: int = 240             # tokens per sampled replay story
     pretrain_steps: int = 120
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-3
@@ -85,7 +94,12 @@ class RealSizes:
     sft_batch: int = 16
     rm_eval_pairs: int = 60              # per preference file
     rm_steps: int = 60
-    rm_max_length: int = 192
+    rm_batch: int = 8
+    rm_norm_samples: int = 512           # chosen replies scored for the RM's reward offset
+    # 512 = stories260K's context: at 192 (the first default) 836 of 1152 training responses were cut
+    # and the RM stayed at chance (47.5 %); at 512 it reached 64 % held out (docs/demo.md)
+    rm_max_length: int = 512
+    ppo_batch: int = 16                  # sampled replies per PPO / GRPO iteration (GRPO: 4 prompts x 4)
     ppo_prompts: int = 256
     ppo_eval_prompts: int = 16
     ppo_steps: int = 6
@@ -99,9 +113,31 @@ SIZES = {
     # the test-suite run: every stage, a few steps each; numbers still checked (tests/test_demo_real.py)
     "tiny": RealSizes(zh_train_lines=400, zh_eval_lines=8, en_eval_chars=4000, zh_vocab=1000, block_size=128,
                       pretrain_steps=40, pretrain_batch=8, sft_eval=48, sft_steps=8, sft_batch=8, rm_eval_pairs=40,
-                      rm_steps=60, rm_max_length=128, ppo_prompts=16, ppo_eval_prompts=4, ppo_steps=1, mc_limit=2,
-                      samples=1),
+                      rm_steps=60, rm_batch=16, rm_max_length=128, rm_norm_samples=64, ppo_prompts=16,
+                      ppo_eval_prompts=4, ppo_steps=1, mc_limit=2, samples=1, replay_docs=32, replay_tokens=120),
 }
+
+
+def sizes_for(size: str | None, seed: int | None = None, overrides: list[str] | tuple = ()) -> RealSizes:
+    """SIZES[size] with `--seed` and `--set KEY=VALUE` applied (values parsed as YAML; a wrong key or type
+    is a ValueError naming it and the valid keys)."""
+    n = SIZES[size or "default"]
+    changes = {} if seed is None else {"seed": seed}
+    kinds = {f.name: int if f.name == "zh_train_lines" else type(getattr(n, f.name)) for f in fields(RealSizes)}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in kinds:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(kinds)}")
+        value = yaml.safe_load(text)
+        want = kinds[key]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok and not (value is None and key == "zh_train_lines"):
+            raise ValueError(f"--set {key}: expected {want.__name__}, got {text!r}")
+        changes[key] = value
+    return replace(n, **changes)
+
 
 # What each stage's numbers mean and cannot show (copied into report.json beside the numbers).
 MEANING = {
@@ -126,6 +162,10 @@ MEANING = {
             "rollout reward, KL(policy || SFT reference) and reply length during training.",
             "A higher RM score means the policy found what this RM rewards (possibly length or style), not a "
             "better assistant; KL shows how far it moved from the SFT model."),
+    "grpo": ("The same measures as PPO for GRPO against the same RM from the same SFT model: G = 4 replies per "
+             "prompt scored by the RM, advantages relative to the group's mean (no critic), KL to the SFT model "
+             "as a loss term.",
+             "As for PPO: a higher RM score shows what this RM rewards, not a better assistant."),
     "benchmarks": ("CMMLU / C-Eval accuracy of the final model on a few subjects (--limit questions each) through "
                    "`llama-jax eval`, scored as lm-eval's HF backend does; chance is 25%.",
                    "Near chance for a model this size: the number shows the chain is measured the way a 7B run "
@@ -146,6 +186,7 @@ class RealData:
     ppo_prompts: Path
     ppo_eval_prompts: list[str]
     clean_report: dict = field(default_factory=dict)
+    en_replay: Path | None = None       # English replay rows for continued pretraining (english_replay)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -194,11 +235,13 @@ def resolve_base(base: str | None, data: Path, out: Path) -> tuple[Path, Path, s
             if cfg.get("model_type") != "llama":
                 raise ValueError(f"--base {p}: {cfg_path} has model_type {cfg.get('model_type')!r}, not 'llama'")
             tok = p / "tokenizer.model"
-            if not (tok.is_file() and _is_sentencepiece(tok)):
-                raise ValueError(f"--base {p}: no sentencepiece tokenizer.model (found "
-                                 f"{', '.join(sorted(x.name for x in p.glob('tokenizer*'))) or 'no tokenizer files'}); "
-                                 "the Chinese pieces are merged into a sentencepiece model, as for LLaMA-2")
-            return p, tok, f"HF Llama directory {p}"
+            if tok.is_file() and _is_sentencepiece(tok):
+                return p, tok, f"HF Llama directory {p} (sentencepiece tokenizer)"
+            if byte_level_dir(p) is not None:  # SmolLM2-style tokenizer.json: extended by tokenizer/byte_bpe.py
+                return p, p, f"HF Llama directory {p} (byte-level BPE tokenizer.json)"
+            raise ValueError(f"--base {p}: neither a sentencepiece tokenizer.model nor a byte-level BPE "
+                             f"tokenizer.json (found "
+                             f"{', '.join(sorted(x.name for x in p.glob('tokenizer*'))) or 'no tokenizer files'})")
         src = p
         tok = p.parent / "tokenizer.model"
         if not tok.is_file():
@@ -290,32 +333,104 @@ def prepare_data(data: Path, out: Path, n: RealSizes, stories_base: bool) -> Rea
 
 
 # ----------------------------------------------------------------------------- stages
-def tokenizer_stage(out: Path, data: RealData, base_tok: Path, n: RealSizes) -> tuple[Path, dict]:
-    """Chinese BPE (vocab raised to cover the corpus's characters) merged into the base's model."""
-    import sentencepiece as spm
+# Openings of the replay stories sampled from stories260K (it was trained on TinyStories).
+REPLAY_OPENINGS = ("Once upon a time", "One day", "There was a little", "Tom and Lily", "The sun was",
+                   "Sara had a", "Max wanted to", "In a small town")
+EN_REPLAY_C4 = "en-corpus/c4_demo.jsonl"
 
 
-    d = out / "tokenizer"
+def english_replay(base_dir: Path, base_tok: Path, data_dir: Path, out: Path, n: RealSizes,
+                   stories: bool) -> tuple[Path | None, dict]:
+    """English rows mixed into continued pretraining (share `n.en_replay` of the rows), so the base
+    keeps more of its English (measured in docs/demo.md, with and without).
+
+    stories260K: the text it was trained on (TinyStories) is not in the shared data, so the replay is
+    stories sampled from the base itself at temperature 1 (self-synthesised rehearsal, Huang et al.,
+    ACL 2024); they are not the held-out English (data/en_stories.py, written by hand).  HF bases:
+    c4_demo.jsonl (real web English; their held-out English is wiki_demo)."""
+    if n.en_replay <= 0:
+        return None, {"share": 0.0}
+    dest = out / "data" / "en_replay.txt"
+    if stories:
+        model = llama_jax.load(base_dir)
+        tok = load_tokenizer(base_tok)
+        prompts = [REPLAY_OPENINGS[i % len(REPLAY_OPENINGS)] for i in range(n.replay_docs)]
+        docs = llama_jax.generate(model, prompts, tok, max_new_tokens=n.replay_tokens, temperature=1.0,
+                                  seed=n.seed)
+        docs = [" ".join((p + ("" if d.lstrip()[:1] in tuple(",.!?;:'") else " ") + d.strip()).split())
+                for p, d in zip(prompts, docs)]
+        source = f"{len(docs)} stories sampled from the base (T=1, {n.replay_tokens} tokens, seed {n.seed})"
+    else:
+        docs = [" ".join(r["text"].split()) for r in _records(data_dir / EN_REPLAY_C4)][:n.replay_docs]
+        source = f"{len(docs)} documents of {EN_REPLAY_C4}"
+    write_text_atomic(dest, "".join(d + "\n" for d in docs if d))
+    return dest, {"share": n.en_replay, "source": source, "documents": len(docs),
+                  "characters": sum(map(len, docs)), "file": str(dest)}
+
+
+def _merge_byte_level(base_dir: Path, data: RealData, dest: Path, n: RealSizes) -> dict:
+    """Continuation BPE on the zh corpora appended to the base's byte-level tokenizer.json; the vocab
+    is padded to a multiple of 64 with fillers, the first of which is the pad id (never EOS).
+
+    Size from the data, as the sentencepiece path raises its vocab to cover the corpus's characters:
+    at least two merges (a 3-byte character needs two) per distinct corpus character in U+3000-U+9FFF /
+    U+F000-U+FFFF that the base spells with several tokens (SmolLM2 lacks 5,266 of the 5,358 in the
+    shared zh corpora), and never below `zh_vocab`."""
+    from tokenizers import Tokenizer
+
+    base = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    chars = {c for f in data.zh_train for c in f.read_text("utf-8") if "\u3000" <= c <= "\u9fff" or c >= "\uf000"}
+    lacking = sum(len(base.encode(c, add_special_tokens=False).ids) > 1 for c in chars)
+    want = max(n.zh_vocab, 2 * lacking)
+    notice = (f"raised from {n.zh_vocab} to {want}: two merges per corpus character the base spells with several "
+              f"tokens ({lacking} of {len(chars)})") if want > n.zh_vocab else ""
+    while True:
+        r = extend_byte_level_bpe(base_dir, data.zh_train, dest, ByteBPEOptions(num_new_tokens=want,
+                                                                                pad_to_multiple_of=64))
+        if byte_bpe_pad_id(dest) is not None or r.new_tokens <= 1:
+            break
+        want = r.new_tokens - 1  # base + new was already a multiple of 64: one token fewer leaves a filler
+    return {"kind": "byte-level BPE (continuation training, tokenizer/byte_bpe.py)", "base_vocab": r.base_vocab,
+            "chinese_vocab": r.new_tokens, "vocab_notice": notice, "merged_vocab": r.merged_vocab,
+            "pad_id": byte_bpe_pad_id(dest), "merge_seconds": round(r.seconds, 1)}
+
+
+def _merge_sentencepiece(base_tok: Path, data: RealData, d: Path, n: RealSizes) -> dict:
+    """Chinese sentencepiece BPE (vocab raised to cover the corpus's characters) merged into the base's."""
     zh = train_bpe(d / "zh", input_files=data.zh_train,
                    options=TrainOptions(vocab_size=n.zh_vocab, raise_vocab_to_cover=True, seed=n.seed))
     merge_tokenizers(base_tok, zh.model_path, d / "merged", MergeOptions(pad_token=True, pad_to_multiple_of=64))
-    base_sp = spm.SentencePieceProcessor(model_file=str(base_tok))
-    new_sp = spm.SentencePieceProcessor(model_file=str(d / "merged" / "tokenizer.model"))
+    merged = load_tokenizer(d / "merged" / "tokenizer.model")
+    return {"kind": "sentencepiece BPE merged into the base's model (tokenizer/merge.py)",
+            "base_vocab": len(load_tokenizer(base_tok)), "chinese_vocab": zh.vocab_size, "vocab_notice": zh.notice,
+            "merged_vocab": len(merged), "pad_id": merged.sp.piece_to_id("<pad>")}
+
+
+def tokenizer_stage(out: Path, data: RealData, base_tok: Path, n: RealSizes) -> tuple[Path, dict]:
+    """Chinese tokens added to the base's tokenizer, whichever kind it is: a sentencepiece model
+    (LLaMA-2, stories260K) or an HF byte-level BPE tokenizer.json (SmolLM2).  Returns the merged
+    tokenizer (the path `load_tokenizer` and the stages take) and the stage's metrics."""
+    d = out / "tokenizer"
+    if byte_level_dir(base_tok) is not None:
+        merged_path = d / "merged"
+        m = _merge_byte_level(base_tok, data, merged_path, n)
+    else:
+        m = _merge_sentencepiece(base_tok, data, d, n)
+        merged_path = d / "merged"
+    base_t, new_t = load_tokenizer(base_tok), load_tokenizer(merged_path)
     zh_lines = data.zh_eval.read_text("utf-8").splitlines()
     en_lines = data.en_eval.read_text("utf-8").splitlines()
     chars = sum(len(x) for x in zh_lines)
-    m = {"base_tokenizer": str(base_tok), "base_vocab": base_sp.get_piece_size(),
-         "chinese_vocab_requested": n.zh_vocab, "chinese_vocab": zh.vocab_size, "vocab_notice": zh.notice,
-         "merged_vocab": new_sp.get_piece_size(), "pad_id": new_sp.piece_to_id("<pad>"),
-         "eval_chars": chars, "eval_tokens_base": count_tokens(base_sp, zh_lines),
-         "eval_tokens_merged": count_tokens(new_sp, zh_lines)}
+    m = {"base_tokenizer": str(base_tok), "chinese_vocab_requested": n.zh_vocab, **m, "eval_chars": chars,
+         "eval_tokens_base": sum(len(encode(base_t, x, special=False)) for x in zh_lines),
+         "eval_tokens_merged": sum(len(encode(new_t, x, special=False)) for x in zh_lines)}
     m["chars_per_token_base"] = round(chars / m["eval_tokens_base"], 4)
     m["chars_per_token_merged"] = round(chars / m["eval_tokens_merged"], 4)
     m["chars_per_token_gain"] = round(m["chars_per_token_merged"] / m["chars_per_token_base"], 3)
-    same = [a == b for a, b in zip(base_sp.encode(en_lines), new_sp.encode(en_lines))]
+    same = [encode(base_t, x, special=False) == encode(new_t, x, special=False) for x in en_lines]
     m["english_lines"], m["english_identical_lines"] = len(same), sum(same)
     m["english_identical"] = all(same)
-    return d / "merged", m
+    return merged_path, m
 
 
 def resize_stage(base_dir: Path, base_tok: Path, tok_dir: Path, dest: Path) -> dict:
@@ -323,7 +438,8 @@ def resize_stage(base_dir: Path, base_tok: Path, tok_dir: Path, dest: Path) -> d
 
     model = llama_jax.load(base_dir)
     old = model.config.vocab_size
-    new = resize_embeddings(model, tok_dir / "tokenizer.model", base_tok)
+    merged = tok_dir if byte_level_dir(tok_dir) is not None else tok_dir / "tokenizer.model"
+    new = resize_embeddings(model, merged, base_tok)
     llama_jax.save_hf(new, dest, tokenizer=tok_dir)
     return {"vocab_before": old, "vocab_after": new.config.vocab_size, "pad_token_id": new.config.pad_token_id,
             "init": "sub-piece mean (llama_jax.vocab_resize.resize_embeddings)"}
@@ -369,6 +485,10 @@ def stage_configs(out: Path, data: RealData, tok_dir: Path, tm: dict, n: RealSiz
                   "eval_every": max(10, n.pretrain_steps // 8), "eval_batches": 4,
                   "checkpoint_every": n.pretrain_steps},
     }
+    if data.en_replay is not None:  # Chinese and replayed English rows drawn in proportion
+        del pre["data"]["train_files"]
+        pre["data"]["mixture"] = [{"files": s(data.zh_train), "weight": round(1 - n.en_replay, 6)},
+                                  {"files": s([data.en_replay]), "weight": n.en_replay}]
     if not full:
         pre["lora"] = {**lora, "trainable_modules": full_modules}
         pre["train"]["lr"] = 2e-4
@@ -389,8 +509,8 @@ def stage_configs(out: Path, data: RealData, tok_dir: Path, tm: dict, n: RealSiz
             "tokenizer": str(tok_dir),
             "data": {"train_files": s([data.pref_train]), "eval_files": s([data.pref_eval]), "template": TEMPLATE,
                      "max_length": n.rm_max_length, "pad_id": tm["pad_id"], "pad_to_multiple": 32},
-            "rm": {"center_coef": 0.01},
-            "train": {**common, "steps": n.rm_steps, "batch_size": 16, "lr": 1e-3, "min_lr_ratio": 0.0,
+            "rm": {"center_coef": 0.01, "norm_samples": n.rm_norm_samples},
+            "train": {**common, "steps": n.rm_steps, "batch_size": n.rm_batch, "lr": 1e-3, "min_lr_ratio": 0.0,
                       "eval_every": max(10, n.rm_steps // 5), "checkpoint_every": n.rm_steps},
         },
         "ppo": {
@@ -400,16 +520,24 @@ def stage_configs(out: Path, data: RealData, tok_dir: Path, tm: dict, n: RealSiz
             "data": {"prompt_files": s([data.ppo_prompts]), "template": TEMPLATE, "max_prompt_length": 64},
             "ppo": {"reward_model": str(models / "rm"), "max_new_tokens": 32, "temperature": 0.7, "epochs": 2,
                     "minibatches": 2, "kl_coef": 0.05, "missing_eos_score": -1.0},
-            "train": {**common, "steps": n.ppo_steps, "batch_size": 16, "lr": 5e-4, "warmup_ratio": 0.0,
+            "train": {**common, "steps": n.ppo_steps, "batch_size": n.ppo_batch, "lr": 5e-4, "warmup_ratio": 0.0,
+                      "schedule": "constant", "log_every": 1, "checkpoint_every": n.ppo_steps},
+        },
+        # GRPO against the same RM, from the same SFT model: G = 4 samples per prompt and a group-relative
+        # baseline instead of PPO's critic; the same number of sampled replies per iteration as PPO
+        "grpo": {
+            "model": {"init": str(models / "sft")},
+            "tokenizer": str(tok_dir),
+            "lora": lora,
+            "data": {"prompt_files": s([data.ppo_prompts]), "template": TEMPLATE, "max_prompt_length": 64},
+            "grpo": {"reward_model": str(models / "rm"), "group_size": 4, "max_new_tokens": 32, "temperature": 0.7,
+                     "epochs": 1, "minibatches": 2, "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.05,
+                     "kl_in": "loss", "aggregation": "token", "missing_eos_score": -1.0},
+            "train": {**common, "steps": n.ppo_steps, "batch_size": max(1, n.ppo_batch // 4), "lr": 5e-4,
+                      "warmup_ratio": 0.0,
                       "schedule": "constant", "log_every": 1, "checkpoint_every": n.ppo_steps},
         },
     }
-
-
-# GRPO HOOK: when llama_jax.stages.grpo exists (branch rl), add a "grpo" entry to stage_configs
-# (group sampling against the same RM, models/sft as the start) and run it after PPO in run_real_demo,
-# reporting the same held-out RM score / KL / length.  Not run here: the stage does not exist yet.
-GRPO_STAGE = None
 
 
 def _series(recs: list[dict], key: str) -> list:
@@ -464,7 +592,7 @@ def run_real_demo(args) -> int:
     t_start = time.perf_counter()
     data_dir, out = Path(args.data), Path(args.out).absolute()
     base_arg = getattr(args, "base", None)
-    n = SIZES[getattr(args, "size", None) or "default"]
+    n = sizes_for(getattr(args, "size", None), getattr(args, "seed", None), getattr(args, "set", None) or ())
     check_data_dir(data_dir, base_arg)
     out.mkdir(parents=True, exist_ok=True)
     runs, models = out / "runs", out / "models"
@@ -476,12 +604,13 @@ def run_real_demo(args) -> int:
                                           "continued_pretraining": "full" if full else "LoRA + embed_tokens/lm_head",
                                           "meaning": {k: {"what": a, "cannot_show": b} for k, (a, b) in MEANING.items()}})
     data = prepare_data(data_dir, out, n, stories)
+    data.en_replay, replay = english_replay(base_dir, base_tok, data_dir, out, n, stories)
 
     def stage(name: str, metrics: dict):
         metrics["meaning"], metrics["cannot_show"] = MEANING[name]
         report.stage(name, metrics)
 
-    _header("1/7 tokenizer: Chinese BPE on the zh corpora, merged into the base's sentencepiece model")
+    _header("1/8 tokenizer: Chinese BPE on the zh corpora, added to the base's tokenizer")
     t0 = time.perf_counter()
     tok_dir, tm = tokenizer_stage(out, data, base_tok, n)
     tm["seconds"] = round(time.perf_counter() - t0, 1)
@@ -490,7 +619,7 @@ def run_real_demo(args) -> int:
           f"chars/token {tm['chars_per_token_base']:.2f} -> {tm['chars_per_token_merged']:.2f} "
           f"(x{tm['chars_per_token_gain']}); English identical: {tm['english_identical']}")
 
-    _header("2/7 resize embeddings (sub-piece mean rows)")
+    _header("2/8 resize embeddings (sub-piece mean rows)")
     t0 = time.perf_counter()
     rz = resize_stage(base_dir, base_tok, tok_dir, models / "resized")
     evals = {"zh": data.zh_eval, "en": data.en_eval}
@@ -528,10 +657,11 @@ def run_real_demo(args) -> int:
             replies = llama_jax.generate(model, qs, tok, max_new_tokens=32)
         samples.extend({"model": model_name, "prompt": q, "reply": r} for q, r in zip(qs, replies))
 
-    _header("3/7 continued pretraining on the zh corpora (" + ("full" if full else "LoRA + embed/lm_head") + ")")
+    _header("3/8 continued pretraining on the zh corpora (" + ("full" if full else "LoRA + embed/lm_head") + ")")
     recs, secs = run_stage("pretrain", pretrain, "pretrained")
     after = bpc(models / "pretrained", tok_dir, evals, n.block_size)
     pm = {"seconds": secs, "steps": n.pretrain_steps, "tokens_per_sec": _end(recs, "tokens_per_sec"),
+          "english_replay": replay,
           "bpc_before_base_model": before_base, "bpc_before_resized": rz["bpc_resized"], "bpc_after": after,
           "zh_bpc_change": round(after["zh"]["bpc"] - before_base["zh"]["bpc"], 4),
           "en_bpc_change": round(after["en"]["bpc"] - before_base["en"]["bpc"], 4),
@@ -541,7 +671,7 @@ def run_real_demo(args) -> int:
     print(f"held-out bits/char: zh {before_base['zh']['bpc']:.3f} -> {after['zh']['bpc']:.3f}, "
           f"en {before_base['en']['bpc']:.3f} -> {after['en']['bpc']:.3f}")
 
-    _header("4/7 SFT (LoRA + embed/lm_head) on zh-sft cleaned by `llama-jax data clean`")
+    _header("4/8 SFT (LoRA + embed/lm_head) on zh-sft cleaned by `llama-jax data clean`")
     recs, secs = run_stage("sft", sft, "sft")
     stage("sft", {"seconds": secs, "steps": n.sft_steps, "clean": data.clean_report,
                   "clean_report_file": str(out / "data" / "clean" / "report.json"),
@@ -550,13 +680,13 @@ def run_real_demo(args) -> int:
                   "loss": _end(recs, "loss")})
     sample("sft", chat=True)
 
-    _header("5/7 reward model on the zh-pref pairs (SFT backbone)")
+    _header("5/8 reward model on the zh-pref pairs (SFT backbone)")
     recs, secs = run_stage("rm", reward, "rm", exporter=reward.export)
     stage("rm", {"seconds": secs, "steps": n.rm_steps, "eval_pairs": sum(1 for _ in data.pref_eval.open(encoding="utf-8")),
                  "eval_accuracy_first": _end(recs, "eval_accuracy", True), "eval_accuracy": _end(recs, "eval_accuracy"),
                  "eval_margin": _end(recs, "eval_margin")})
 
-    _header("6/7 PPO against the reward model (LoRA policy, reference = SFT)")
+    _header("6/8 PPO against the reward model (LoRA policy, reference = SFT)")
     rm_model = llama_jax.load(models / "rm", head="score")
     off = json.loads((models / "rm" / "config.json").read_text()).get("reward_offset", 0.0)
     qs = data.ppo_eval_prompts
@@ -569,11 +699,23 @@ def run_real_demo(args) -> int:
                   "reply_chars_before": round(sum(map(len, before)) / len(qs), 1),
                   "reply_chars_after": round(sum(map(len, after_r)) / len(qs), 1),
                   "score_first": _end(recs, "score", True), "score_last": _end(recs, "score"),
-                  "kl_last": _end(recs, "kl"), "response_length_last": _end(recs, "response_length"),
-                  "grpo": "not run: the GRPO stage does not exist on this branch (hook: demo_real.GRPO_STAGE)"})
+                  "kl_last": _end(recs, "kl"), "response_length_last": _end(recs, "response_length")})
     sample("ppo", chat=True)
 
-    _header("7/7 CMMLU / C-Eval (a few subjects) through `llama-jax eval`, samples, plots")
+    _header("7/8 GRPO against the reward model (G = 4 per prompt, no critic; reference = SFT)")
+    recs, secs = run_stage("grpo", grpo, "grpo")
+    after_g = answers(llama_jax.load(models / "grpo"), tok, qs, max_new_tokens=32)
+    stage("grpo", {"seconds": secs, "iterations": n.ppo_steps, "eval_prompts": len(qs),
+                   "rm_score_greedy_before": round(float(rm_scores(rm_model, tok, qs, before).mean() - off), 4),
+                   "rm_score_greedy_after": round(float(rm_scores(rm_model, tok, qs, after_g).mean() - off), 4),
+                   "reply_chars_before": round(sum(map(len, before)) / len(qs), 1),
+                   "reply_chars_after": round(sum(map(len, after_g)) / len(qs), 1),
+                   "score_first": _end(recs, "score", True), "score_last": _end(recs, "score"),
+                   "kl_last": _end(recs, "kl"), "response_length_last": _end(recs, "response_length"),
+                   "equal_group_frac_last": _end(recs, "equal_group_frac")})
+    sample("grpo", chat=True)
+
+    _header("8/8 CMMLU / C-Eval (a few subjects) through `llama-jax eval`, samples, plots")
     t0 = time.perf_counter()
     bm = benchmarks(models / "ppo", data_dir, n, out)
     bm["seconds"] = round(time.perf_counter() - t0, 1)
@@ -591,7 +733,7 @@ def run_real_demo(args) -> int:
 
 def summary(rep: dict) -> str:
     s = rep["stages"]
-    t, p, f, r, q, b = (s.get(k, {}) for k in ("tokenizer", "pretrain", "sft", "rm", "ppo", "benchmarks"))
+    t, p, f, r, q, gr, b = (s.get(k, {}) for k in ("tokenizer", "pretrain", "sft", "rm", "ppo", "grpo", "benchmarks"))
     def g(d, *keys):
         for k in keys:
             d = (d or {}).get(k)
@@ -612,6 +754,9 @@ def summary(rep: dict) -> str:
         ("ppo", "RM score of greedy replies, held-out prompts", num(q.get("rm_score_greedy_before")),
          num(q.get("rm_score_greedy_after"))),
         ("ppo", "KL(policy || SFT), last iteration", "0", num(q.get("kl_last"), "{:.4f}")),
+        ("grpo", "RM score of greedy replies, held-out prompts", num(gr.get("rm_score_greedy_before")),
+         num(gr.get("rm_score_greedy_after"))),
+        ("grpo", "KL(policy || SFT), last iteration", "0", num(gr.get("kl_last"), "{:.4f}")),
         ("eval", "CMMLU accuracy (chance 0.25)", "", num(g(b, "cmmlu", "accuracy"))),
         ("eval", "C-Eval accuracy (chance 0.25)", "", num(g(b, "ceval", "accuracy"))),
     ]

@@ -73,7 +73,7 @@ def demo_plots(runs: Path, out: Path, stages: dict | None = None) -> list[Path]:
 
     if m["grpo"]:
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-        _panel(axes[0], m["grpo"], ["score"], "GRPO checker reward", "per rollout")
+        _panel(axes[0], m["grpo"], ["score"], "GRPO reward (checker or RM score)", "per rollout")
         _panel(axes[1], m["grpo"], ["kl"], "GRPO KL(policy || reference)", "nats / sequence")
         _panel(axes[2], m["grpo"], ["equal_group_frac"], "GRPO groups with all-equal rewards", "fraction")
         written.append(_save(plt, fig, out / "grpo.png"))

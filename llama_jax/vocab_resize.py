@@ -1,17 +1,21 @@
 """Grow a model's vocabulary to a merged (extended) tokenizer.
 
 `resize_embeddings` returns a new model whose `embed_tokens` (and `lm_head`, when not tied)
-have one row per piece of the merged sentencepiece model (optionally rounded up). Old rows are
+have one row per piece of the merged tokenizer (optionally rounded up): a sentencepiece model
+(tokenizer/merge.py, LLaMA-2) or an HF byte-level BPE tokenizer.json (tokenizer/byte_bpe.py,
+e.g. SmolLM2), whichever the merged tokenizer is; the base must be the same kind. Old rows are
 copied bit for bit, so on text made of old tokens the hidden states are bit-identical and the
 old-vocabulary logits equal the original's (up to the ~1 ulp a GEMM may round differently at
 another output width, e.g. XLA's CPU dot on a 32000- vs 34304-wide product). New rows start at
 the mean of the rows of the base pieces that spell the new piece
-(`llama_jax.tokenizer.new_rows.init_new_rows`). `llama-jax resize` does the same on an HF
+(`llama_jax.tokenizer.new_rows.rows_from_spellings`; a byte-level token is spelled by the base
+BPE model on its bytes). `llama-jax resize` does the same on an HF
 directory and writes an HF directory with the merged tokenizer.
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -21,7 +25,8 @@ from flax import nnx
 from .hf import load, save_hf
 from .model import Llama, abstract_model, has_lora
 from .sharding import named_sharding, to_host
-from .tokenizer.new_rows import base_ids_of_new_pieces, init_new_rows
+from .tokenizer import byte_bpe
+from .tokenizer.new_rows import base_ids_of_new_pieces, rows_from_spellings
 from .tokenizer.sp_model import SP_FILE_NAME, TokenizerFormatError, as_proto, resolve_model_path
 
 # the parameters that grow
@@ -69,6 +74,48 @@ def pad_id_of(merged) -> int | None:
     return None
 
 
+def byte_level_dir(tokenizer) -> Path | None:
+    """The directory of an HF byte-level BPE tokenizer.json (SmolLM2-style; a path to the directory or
+    to the file), else None: a sentencepiece model (a directory with a tokenizer.model is one)."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return None
+    p = Path(tokenizer)
+    if p.is_dir():
+        if (p / SP_FILE_NAME).is_file():
+            return None
+        p = p / "tokenizer.json"
+    if p.name != "tokenizer.json" or not p.is_file():
+        return None
+    return p.parent if byte_bpe.is_byte_level_bpe(p) else None
+
+
+def _new_row_spellings(merged_tokenizer, base_tokenizer, old_vocab: int, pad_to_multiple_of):
+    """(new vocab size, pad id or None, base ids spelling each new row) for either tokenizer kind,
+    after checking that the merged tokenizer extends the base one (NotAnExtensionError)."""
+    merged_dir = byte_level_dir(merged_tokenizer)
+    if merged_dir is not None:
+        base_dir = byte_level_dir(base_tokenizer)
+        if base_dir is None:
+            raise NotAnExtensionError(f"{merged_tokenizer} is a byte-level BPE tokenizer.json, so the base "
+                                      f"{base_tokenizer} must be one too (the base model's tokenizer directory)")
+        try:
+            byte_bpe.check_extension(base_dir, merged_dir, old_vocab)
+        except ValueError as e:
+            raise NotAnExtensionError(str(e)) from None
+        n_merged = byte_bpe.vocab_size_of(merged_dir)
+        new_vocab = _round_up(n_merged, pad_to_multiple_of)
+        spell = byte_bpe.base_ids_of_new_tokens(base_dir, merged_dir, old_vocab, n_merged)
+        return new_vocab, byte_bpe.pad_id_of(merged_dir), spell + [[]] * (new_vocab - n_merged)
+    base_p, merged_p = as_proto(base_tokenizer), as_proto(merged_tokenizer)
+    check_extension(base_p, merged_p, old_vocab)
+    new_vocab = _round_up(len(merged_p.pieces), pad_to_multiple_of)
+    return new_vocab, pad_id_of(merged_p), base_ids_of_new_pieces(base_p, merged_p, old_vocab, new_vocab)
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return math.ceil(n / multiple) * multiple if multiple else n
+
+
 def _target_sharding(old_arr, var, shape, mesh):
     """Where a resized parameter goes: the model's mesh by its logical axes, else the old array's place."""
     if mesh is not None:
@@ -106,12 +153,8 @@ def resize_embeddings(model: Llama, merged_tokenizer, base_tokenizer=None,
         raise ValueError("resize_embeddings: the model has LoRA factors attached; merge them first "
                          "(llama_jax.lora.merge)")
     cfg = model.config
-    base_p, merged_p = as_proto(base_tokenizer), as_proto(merged_tokenizer)
-    check_extension(base_p, merged_p, cfg.vocab_size)
-    new_vocab = len(merged_p.pieces)
-    if pad_to_multiple_of:
-        new_vocab = math.ceil(new_vocab / pad_to_multiple_of) * pad_to_multiple_of
-    pad = pad_id_of(merged_p)
+    new_vocab, pad, spellings = _new_row_spellings(merged_tokenizer, base_tokenizer, cfg.vocab_size,
+                                                   pad_to_multiple_of)
     new_cfg = cfg.replace(vocab_size=new_vocab, pad_token_id=cfg.pad_token_id if pad is None else pad)
 
     mesh = model.mesh
@@ -127,7 +170,7 @@ def resize_embeddings(model: Llama, merged_tokenizer, base_tokenizer=None,
             rows = to_host(old_arr)
             if key == _LM_HEAD:  # kernel [embed, vocab]: a piece's row is a column
                 rows = rows.T
-            grown = init_new_rows(rows, base_p, merged_p, new_vocab)
+            grown = rows_from_spellings(rows, spellings)
             if key == _LM_HEAD:
                 grown = np.ascontiguousarray(grown.T)
             shape = var.get_value().shape
@@ -152,6 +195,15 @@ def cmd_resize(args) -> int:
     model_dir = Path(args.model)
     if not model_dir.exists():
         raise FileNotFoundError(f"--model {model_dir}: no such file or directory")
+    if byte_level_dir(args.tokenizer) is not None:  # an extended HF byte-level BPE (SmolLM2-style)
+        base = args.base_tokenizer or model_dir
+        model = load(model_dir)
+        old_vocab = model.config.vocab_size
+        new = resize_embeddings(model, args.tokenizer, base, pad_to_multiple_of=args.pad_to_multiple_of)
+        out = save_hf(new, args.out, tokenizer=byte_level_dir(args.tokenizer))
+        print(f"vocab {old_vocab} -> {new.config.vocab_size} (byte-level BPE; new rows from the base tokens "
+              f"spelling them); pad_token_id {new.config.pad_token_id}; written to {out}")
+        return 0
     if args.base_tokenizer:
         base_path = _sp_model_path(args.base_tokenizer, "--base-tokenizer")
     elif (model_dir / SP_FILE_NAME).is_file():

