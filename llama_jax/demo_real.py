@@ -686,34 +686,30 @@ def run_real_demo(args) -> int:
                  "eval_accuracy_first": _end(recs, "eval_accuracy", True), "eval_accuracy": _end(recs, "eval_accuracy"),
                  "eval_margin": _end(recs, "eval_margin")})
 
-    _header("6/8 PPO against the reward model (LoRA policy, reference = SFT)")
     rm_model = llama_jax.load(models / "rm", head="score")
     off = json.loads((models / "rm" / "config.json").read_text()).get("reward_offset", 0.0)
     qs = data.ppo_eval_prompts
     before = answers(llama_jax.load(models / "sft"), tok, qs, max_new_tokens=32)
-    recs, secs = run_stage("ppo", ppo, "ppo")
-    after_r = answers(llama_jax.load(models / "ppo"), tok, qs, max_new_tokens=32)
-    stage("ppo", {"seconds": secs, "iterations": n.ppo_steps, "eval_prompts": len(qs),
-                  "rm_score_greedy_before": round(float(rm_scores(rm_model, tok, qs, before).mean() - off), 4),
-                  "rm_score_greedy_after": round(float(rm_scores(rm_model, tok, qs, after_r).mean() - off), 4),
-                  "reply_chars_before": round(sum(map(len, before)) / len(qs), 1),
-                  "reply_chars_after": round(sum(map(len, after_r)) / len(qs), 1),
-                  "score_first": _end(recs, "score", True), "score_last": _end(recs, "score"),
-                  "kl_last": _end(recs, "kl"), "response_length_last": _end(recs, "response_length")})
-    sample("ppo", chat=True)
+    before_score = round(float(rm_scores(rm_model, tok, qs, before).mean() - off), 4)
 
+    def rl_stage(name, module, extra_keys=()):
+        """Run PPO / GRPO from the SFT model; held-out RM score and length of greedy replies before / after."""
+        recs, secs = run_stage(name, module, name)
+        after = answers(llama_jax.load(models / name), tok, qs, max_new_tokens=32)
+        stage(name, {"seconds": secs, "iterations": n.ppo_steps, "eval_prompts": len(qs),
+                     "rm_score_greedy_before": before_score,
+                     "rm_score_greedy_after": round(float(rm_scores(rm_model, tok, qs, after).mean() - off), 4),
+                     "reply_chars_before": round(sum(map(len, before)) / len(qs), 1),
+                     "reply_chars_after": round(sum(map(len, after)) / len(qs), 1),
+                     "score_first": _end(recs, "score", True), "score_last": _end(recs, "score"),
+                     "kl_last": _end(recs, "kl"), "response_length_last": _end(recs, "response_length"),
+                     **{k: _end(recs, k) for k in extra_keys}})
+        sample(name, chat=True)
+
+    _header("6/8 PPO against the reward model (LoRA policy, reference = SFT)")
+    rl_stage("ppo", ppo)
     _header("7/8 GRPO against the reward model (G = 4 per prompt, no critic; reference = SFT)")
-    recs, secs = run_stage("grpo", grpo, "grpo")
-    after_g = answers(llama_jax.load(models / "grpo"), tok, qs, max_new_tokens=32)
-    stage("grpo", {"seconds": secs, "iterations": n.ppo_steps, "eval_prompts": len(qs),
-                   "rm_score_greedy_before": round(float(rm_scores(rm_model, tok, qs, before).mean() - off), 4),
-                   "rm_score_greedy_after": round(float(rm_scores(rm_model, tok, qs, after_g).mean() - off), 4),
-                   "reply_chars_before": round(sum(map(len, before)) / len(qs), 1),
-                   "reply_chars_after": round(sum(map(len, after_g)) / len(qs), 1),
-                   "score_first": _end(recs, "score", True), "score_last": _end(recs, "score"),
-                   "kl_last": _end(recs, "kl"), "response_length_last": _end(recs, "response_length"),
-                   "equal_group_frac_last": _end(recs, "equal_group_frac")})
-    sample("grpo", chat=True)
+    rl_stage("grpo", grpo, ("equal_group_frac",))
 
     _header("8/8 CMMLU / C-Eval (a few subjects) through `llama-jax eval`, samples, plots")
     t0 = time.perf_counter()

@@ -88,10 +88,11 @@ def test_tiny_real_demo_end_to_end(tmp_path_factory, data_dir):
     t, p = st["tokenizer"], st["pretrain"]
     assert t["chars_per_token_merged"] >= 2 * t["chars_per_token_base"] and t["english_identical"]
     # Chinese bits per character fall (from the base model with its byte-fallback tokenizer, and from
-    # the freshly resized model); English stays within the stated bound: < 4x the base's bpc after
-    # 40 full-model steps on Chinese only (measured 1.02 -> ~2.4 bits/char, docs/demo.md)
+    # the freshly resized model); English stays within the stated bound: < 1.5x the base's bpc after
+    # 40 full-model steps, a quarter of the rows English replay (measured 1.040 -> 1.176; without
+    # replay it was 1.02 -> ~2.4, docs/demo.md)
     assert p["bpc_after"]["zh"]["bpc"] < p["bpc_before_resized"]["zh"]["bpc"] < p["bpc_before_base_model"]["zh"]["bpc"]
-    assert p["bpc_after"]["en"]["bpc"] < 4 * p["bpc_before_base_model"]["en"]["bpc"]
+    assert p["bpc_after"]["en"]["bpc"] < 1.5 * p["bpc_before_base_model"]["en"]["bpc"]
     # resizing alone leaves English untouched (new rows only; same ids)
     assert st["resize"]["bpc_resized"]["en"]["bpc"] == pytest.approx(st["resize"]["bpc_base_model"]["en"]["bpc"], rel=1e-4)
     # the pretrain run's own eval sets logged both languages
@@ -151,8 +152,9 @@ def test_byte_level_base_tokenizer_and_resize(tmp_path, data_dir, smollm2_dir):
     np.testing.assert_allclose(ln[..., :49152], lo, rtol=1e-5, atol=1e-5)
 
 
-SMOL_SETS = ["pretrain_steps=4", "pretrain_batch=4", "sft_steps=2", "sft_batch=4", "rm_steps=4", "rm_batch=4",
-             "ppo_steps=1", "ppo_batch=8", "mc_limit=1", "replay_docs=16"]
+# batches are multiples of the 8 (fake CPU) devices the tests run on; PPO's 2 minibatches of 8
+SMOL_SETS = ["pretrain_steps=4", "pretrain_batch=8", "sft_steps=2", "sft_batch=8", "rm_steps=4", "rm_batch=8",
+             "ppo_steps=1", "ppo_batch=16", "mc_limit=1", "replay_docs=16"]
 
 
 @pytest.mark.slow
@@ -169,7 +171,8 @@ def test_smollm2_base_real_demo_end_to_end(tmp_path_factory, data_dir, smollm2_d
     assert rep["continued_pretraining"] == "LoRA + embed_tokens/lm_head" and "byte-level" in rep["base"]
     t, p = st["tokenizer"], st["pretrain"]
     assert t["chars_per_token_merged"] >= 1.9 * t["chars_per_token_base"] and t["english_identical"]
-    assert st["resize"]["bpc_resized"]["en"]["bpc"] == pytest.approx(st["resize"]["bpc_base_model"]["en"]["bpc"], rel=1e-4)
+    # same ids and old rows, but 6,306 new rows take a little softmax mass: measured 0.9261 -> 0.9262
+    assert st["resize"]["bpc_resized"]["en"]["bpc"] == pytest.approx(st["resize"]["bpc_base_model"]["en"]["bpc"], rel=2e-3)
     assert p["bpc_after"]["zh"]["bpc"] < p["bpc_before_resized"]["zh"]["bpc"]
     # measured 0.926 -> 0.923 after 4 LoRA steps with replay (smoke sizes); the bound: within 5 %
     assert p["bpc_after"]["en"]["bpc"] < 1.05 * p["bpc_before_base_model"]["en"]["bpc"]
