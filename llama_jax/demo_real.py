@@ -485,6 +485,9 @@ def stage_configs(out: Path, data: RealData, tok_dir: Path, tm: dict, n: RealSiz
                   "eval_every": max(10, n.pretrain_steps // 8), "eval_batches": 4,
                   "checkpoint_every": n.pretrain_steps},
     }
+    # PPO and GRPO: a LoRA policy from the SFT model on the same prompts
+    rollout = {"model": {"init": str(models / "sft")}, "tokenizer": str(tok_dir), "lora": lora,
+               "data": {"prompt_files": s([data.ppo_prompts]), "template": TEMPLATE, "max_prompt_length": 64}}
     if data.en_replay is not None:  # Chinese and replayed English rows drawn in proportion
         del pre["data"]["train_files"]
         pre["data"]["mixture"] = [{"files": s(data.zh_train), "weight": round(1 - n.en_replay, 6)},
@@ -514,10 +517,7 @@ def stage_configs(out: Path, data: RealData, tok_dir: Path, tm: dict, n: RealSiz
                       "eval_every": max(10, n.rm_steps // 5), "checkpoint_every": n.rm_steps},
         },
         "ppo": {
-            "model": {"init": str(models / "sft")},
-            "tokenizer": str(tok_dir),
-            "lora": lora,
-            "data": {"prompt_files": s([data.ppo_prompts]), "template": TEMPLATE, "max_prompt_length": 64},
+            **rollout,
             "ppo": {"reward_model": str(models / "rm"), "max_new_tokens": 32, "temperature": 0.7, "epochs": 2,
                     "minibatches": 2, "kl_coef": 0.05, "missing_eos_score": -1.0},
             "train": {**common, "steps": n.ppo_steps, "batch_size": n.ppo_batch, "lr": 5e-4, "warmup_ratio": 0.0,
@@ -526,10 +526,7 @@ def stage_configs(out: Path, data: RealData, tok_dir: Path, tm: dict, n: RealSiz
         # GRPO against the same RM, from the same SFT model: G = 4 samples per prompt and a group-relative
         # baseline instead of PPO's critic; the same number of sampled replies per iteration as PPO
         "grpo": {
-            "model": {"init": str(models / "sft")},
-            "tokenizer": str(tok_dir),
-            "lora": lora,
-            "data": {"prompt_files": s([data.ppo_prompts]), "template": TEMPLATE, "max_prompt_length": 64},
+            **rollout,
             "grpo": {"reward_model": str(models / "rm"), "group_size": 4, "max_new_tokens": 32, "temperature": 0.7,
                      "epochs": 1, "minibatches": 2, "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.05,
                      "kl_in": "loss", "aggregation": "token", "missing_eos_score": -1.0},
