@@ -370,7 +370,7 @@ def english_replay(base_dir: Path, base_tok: Path, data_dir: Path, out: Path, n:
 
 def _merge_byte_level(base_dir: Path, data: RealData, dest: Path, n: RealSizes) -> dict:
     """Continuation BPE on the zh corpora appended to the base's byte-level tokenizer.json; the vocab
-    is padded to a multiple of 64 with fillers, the first of which is the pad id (never EOS).
+    gains a `<|pad|>` (SmolLM2 pads with its EOS) and is padded to a multiple of 64 with fillers.
 
     Size from the data, as the sentencepiece path raises its vocab to cover the corpus's characters:
     at least two merges (a 3-byte character needs two) per distinct corpus character in U+3000-U+9FFF /
@@ -384,12 +384,8 @@ def _merge_byte_level(base_dir: Path, data: RealData, dest: Path, n: RealSizes) 
     want = max(n.zh_vocab, 2 * lacking)
     notice = (f"raised from {n.zh_vocab} to {want}: two merges per corpus character the base spells with several "
               f"tokens ({lacking} of {len(chars)})") if want > n.zh_vocab else ""
-    while True:
-        r = extend_byte_level_bpe(base_dir, data.zh_train, dest, ByteBPEOptions(num_new_tokens=want,
-                                                                                pad_to_multiple_of=64))
-        if byte_bpe_pad_id(dest) is not None or r.new_tokens <= 1:
-            break
-        want = r.new_tokens - 1  # base + new was already a multiple of 64: one token fewer leaves a filler
+    r = extend_byte_level_bpe(base_dir, data.zh_train, dest,
+                              ByteBPEOptions(num_new_tokens=want, pad_token=True, pad_to_multiple_of=64))
     return {"kind": "byte-level BPE (continuation training, tokenizer/byte_bpe.py)", "base_vocab": r.base_vocab,
             "chinese_vocab": r.new_tokens, "vocab_notice": notice, "merged_vocab": r.merged_vocab,
             "pad_id": byte_bpe_pad_id(dest), "merge_seconds": round(r.seconds, 1)}
@@ -411,12 +407,11 @@ def tokenizer_stage(out: Path, data: RealData, base_tok: Path, n: RealSizes) -> 
     (LLaMA-2, stories260K) or an HF byte-level BPE tokenizer.json (SmolLM2).  Returns the merged
     tokenizer (the path `load_tokenizer` and the stages take) and the stage's metrics."""
     d = out / "tokenizer"
+    merged_path = d / "merged"
     if byte_level_dir(base_tok) is not None:
-        merged_path = d / "merged"
         m = _merge_byte_level(base_tok, data, merged_path, n)
     else:
         m = _merge_sentencepiece(base_tok, data, d, n)
-        merged_path = d / "merged"
     base_t, new_t = load_tokenizer(base_tok), load_tokenizer(merged_path)
     zh_lines = data.zh_eval.read_text("utf-8").splitlines()
     en_lines = data.en_eval.read_text("utf-8").splitlines()

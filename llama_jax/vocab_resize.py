@@ -89,19 +89,25 @@ def byte_level_dir(tokenizer) -> Path | None:
     return p.parent if byte_bpe.is_byte_level_bpe(p) else None
 
 
+def _check_byte_level(merged_dir: Path, base_tokenizer, old_vocab: int | None) -> Path:
+    """The base's tokenizer directory, after checking that `merged_dir` extends it (NotAnExtensionError)."""
+    base_dir = byte_level_dir(base_tokenizer)
+    if base_dir is None:
+        raise NotAnExtensionError(f"{merged_dir} is a byte-level BPE tokenizer.json, so the base "
+                                  f"{base_tokenizer} must be one too (the base model's tokenizer directory)")
+    try:
+        byte_bpe.check_extension(base_dir, merged_dir, old_vocab)
+    except ValueError as e:
+        raise NotAnExtensionError(str(e)) from None
+    return base_dir
+
+
 def _new_row_spellings(merged_tokenizer, base_tokenizer, old_vocab: int, pad_to_multiple_of):
     """(new vocab size, pad id or None, base ids spelling each new row) for either tokenizer kind,
     after checking that the merged tokenizer extends the base one (NotAnExtensionError)."""
     merged_dir = byte_level_dir(merged_tokenizer)
     if merged_dir is not None:
-        base_dir = byte_level_dir(base_tokenizer)
-        if base_dir is None:
-            raise NotAnExtensionError(f"{merged_tokenizer} is a byte-level BPE tokenizer.json, so the base "
-                                      f"{base_tokenizer} must be one too (the base model's tokenizer directory)")
-        try:
-            byte_bpe.check_extension(base_dir, merged_dir, old_vocab)
-        except ValueError as e:
-            raise NotAnExtensionError(str(e)) from None
+        base_dir = _check_byte_level(merged_dir, base_tokenizer, old_vocab)
         n_merged = byte_bpe.vocab_size_of(merged_dir)
         new_vocab = _round_up(n_merged, pad_to_multiple_of)
         spell = byte_bpe.base_ids_of_new_tokens(base_dir, merged_dir, old_vocab, n_merged)
@@ -197,6 +203,7 @@ def cmd_resize(args) -> int:
         raise FileNotFoundError(f"--model {model_dir}: no such file or directory")
     if byte_level_dir(args.tokenizer) is not None:  # an extended HF byte-level BPE (SmolLM2-style)
         base = args.base_tokenizer or model_dir
+        _check_byte_level(byte_level_dir(args.tokenizer), base, None)  # before the (possibly large) model is read
         model = load(model_dir)
         old_vocab = model.config.vocab_size
         new = resize_embeddings(model, args.tokenizer, base, pad_to_multiple_of=args.pad_to_multiple_of)

@@ -27,6 +27,7 @@ from llama_jax.tokenizer.byte_bpe import (
     check_extension,
     extend_byte_level_bpe,
     is_byte_level_bpe,
+    pad_id_of,
     token_bytes,
 )
 
@@ -482,6 +483,15 @@ def test_pad_to_multiple_and_copied_files(base_dir, tmp_path):
         assert (r.out_dir / name).read_bytes() == (base_dir / name).read_bytes()
     assert sorted(p.name for p in r.out_dir.iterdir()) == [
         "byte_bpe_merge.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+
+    # pad_token: `<|pad|>` right after the new tokens, the fillers after it, still a multiple of 64
+    p = extend_byte_level_bpe(base_dir, [corpus], tmp_path / "padded",
+                              ByteBPEOptions(num_new_tokens=50, pad_token=True, pad_to_multiple_of=64, max_token_chars=1))
+    assert p.merged_vocab == r.merged_vocab and pad_id_of(p.out_dir) == 550 and pad_id_of(r.out_dir) is None
+    added = {t["id"]: t["content"] for t in json.loads((p.out_dir / "tokenizer.json").read_text())["added_tokens"]}
+    assert added[550] == "<|pad|>" and added[551] == "<|reserved_0|>" and max(added) == p.merged_vocab - 1
+    with pytest.raises(ValueError, match="already has a token '<\\|pad\\|>'"):  # extending twice
+        extend_byte_level_bpe(p.out_dir, [corpus], tmp_path / "again", ByteBPEOptions(num_new_tokens=5, pad_token=True))
 
 
 # ----------------------------------------------------------------------------- real SmolLM2

@@ -133,9 +133,14 @@ def test_byte_level_base_tokenizer_and_resize(tmp_path, data_dir, smollm2_dir):
     # measured on this split (500 training lines): 0.625 -> 1.237 chars/token (x1.98)
     assert m["chars_per_token_merged"] >= 1.9 * m["chars_per_token_base"]
     assert m["english_identical"] and m["english_lines"] >= 1
-    assert m["merged_vocab"] % 64 == 0 and m["pad_id"] >= m["base_vocab"] + m["chinese_vocab"]
+    assert m["merged_vocab"] % 64 == 0 and m["pad_id"] == m["base_vocab"] + m["chinese_vocab"]
     tok = load_tokenizer(tok_dir)
-    assert m["pad_id"] != tok.eos_token_id and tok.convert_ids_to_tokens(m["pad_id"]) == "<|reserved_0|>"
+    assert m["pad_id"] != tok.eos_token_id and tok.convert_ids_to_tokens(m["pad_id"]) == "<|pad|>"
+
+    # `llama-jax resize` with a sentencepiece base for a byte-level merged tokenizer: refused, nothing written
+    bad = ["resize", "--model", str(smollm2_dir), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "bad"),
+           "--base-tokenizer", str(data_dir / "models/stories260K/tok512.model")]
+    assert main(bad) == 2 and not (tmp_path / "bad").exists()
 
     rz = resize_stage(smollm2_dir, smollm2_dir, tok_dir, tmp_path / "resized")
     assert rz["vocab_before"] == 49152 and rz["vocab_after"] == m["merged_vocab"] and rz["pad_token_id"] == m["pad_id"]

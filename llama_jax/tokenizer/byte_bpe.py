@@ -38,7 +38,7 @@ The English guarantee (the allowed-pair rule)
 
 Output: the base tokenizer.json with the new tokens appended to model.vocab (ids after the largest
 id used by the vocab or the added tokens) and the new merges appended in the base's merge format
-(list pairs or "a b" strings); optionally special filler tokens `<|reserved_N|>` (added tokens
+(list pairs or "a b" strings); optionally a special `<|pad|>` and filler tokens `<|reserved_N|>` (added tokens
 only, not in model.vocab; never produced from text) pad the vocabulary to a multiple;
 tokenizer_config.json, special_tokens_map.json and chat_template.jinja are copied; a report
 `byte_bpe_merge.json` is written beside them.  The directory is published atomically.
@@ -68,6 +68,7 @@ TOKENIZER_JSON = "tokenizer.json"
 REPORT_JSON = "byte_bpe_merge.json"
 COPIED_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 FILLER_TEMPLATE = "<|reserved_{}|>"
+PAD_TOKEN = "<|pad|>"
 # UTF-8 lead bytes of the characters U+3000..U+9FFF (0xE3..0xE9) and U+F000..U+FFFF (0xEF).
 CJK_LEAD_BYTES = frozenset(range(0xE3, 0xEA)) | {0xEF}
 
@@ -76,6 +77,10 @@ CJK_LEAD_BYTES = frozenset(range(0xE3, 0xEA)) | {0xEF}
 class ByteBPEOptions:
     num_new_tokens: int = 4000
     min_frequency: int = 2
+    # A special `<|pad|>` added token right after the new tokens (as merge.MergeOptions.pad_token
+    # puts `<pad>` after LLaMA-2's pieces): many byte-level bases pad with their EOS, which a reward
+    # model or a loss mask must be able to tell apart from padding.
+    pad_token: bool = False
     # Append special `<|reserved_N|>` added tokens until the vocabulary size is a multiple of this.
     pad_to_multiple_of: int | None = None
     # Cap on a new token's length in characters (an incomplete UTF-8 sequence counts as one).
@@ -444,19 +449,21 @@ def extend_byte_level_bpe(base_dir: str | Path, files: list[str | Path], out_dir
     merged["model"]["merges"] = list(base["model"]["merges"]) + [
         f"{a} {b}" if string_format else [a, b] for a, b in merges]
     size = base_vocab + len(new_tokens)
-    fillers = []
+    taken = set(vocab) | {t["content"] for t in merged.get("added_tokens") or []}
+    if options.pad_token and PAD_TOKEN in taken:
+        raise ValueError(f"{base_json}: already has a token {PAD_TOKEN!r}; extend without pad_token")
+    fillers = [PAD_TOKEN] if options.pad_token else []
     if options.pad_to_multiple_of:
-        target = math.ceil(size / options.pad_to_multiple_of) * options.pad_to_multiple_of
-        taken = set(vocab) | {t["content"] for t in merged.get("added_tokens") or []}
+        target = math.ceil((size + len(fillers)) / options.pad_to_multiple_of) * options.pad_to_multiple_of
         n = 0
         while size + len(fillers) < target:
             name = FILLER_TEMPLATE.format(n)
             n += 1
             if name not in taken:
                 fillers.append(name)
-        merged["added_tokens"] = list(merged.get("added_tokens") or []) + [
-            {"id": size + k, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True} for k, name in enumerate(fillers)]
+    merged["added_tokens"] = list(merged.get("added_tokens") or []) + [
+        {"id": size + k, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True} for k, name in enumerate(fillers)]
     merged_vocab = size + len(fillers)
 
     report = {
@@ -550,11 +557,10 @@ def check_extension(base_dir: str | Path, merged_dir: str | Path, old_vocab: int
 
 
 def pad_id_of(merged_dir: str | Path) -> int | None:
-    """The pad id of an extended tokenizer: its first filler `<|reserved_0|>` (a special added token
-    never produced from text, so padding can never be mistaken for EOS), else None."""
+    """The id of the `<|pad|>` token an extension added (`ByteBPEOptions.pad_token`), else None."""
     _, data = _load_byte_level(merged_dir)
     for t in data.get("added_tokens") or []:
-        if t["content"] == FILLER_TEMPLATE.format(0):
+        if t["content"] == PAD_TOKEN:
             return int(t["id"])
     return None
 
