@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--base) instead of the built-in synthetic task")
     d.add_argument("--base", default=None, metavar="stories260K|DIR|FILE.bin",
                    help="with --data: the pretrained base: stories260K (default: DATA/models/stories260K, "
-                        "converted from llama2.c), an HF Llama dir with a sentencepiece tokenizer.model, or a "
-                        "llama2.c .bin with tokenizer.model beside it")
+                        "converted from llama2.c), an HF Llama dir with a sentencepiece tokenizer.model (LLaMA-2) or "
+                        "a byte-level BPE tokenizer.json (SmolLM2), or a llama2.c .bin with tokenizer.model beside it")
     d.add_argument("--base-tokenizer", default=None,
                    help="base tokenizer.model (default: DATA/llama2-tokenizer, else a small one trained on the fly)")
     d.add_argument("--ppo-reward", choices=["auto", "rm", "exact"], default="auto",

@@ -384,6 +384,8 @@ def _merge_byte_level(base_dir: Path, data: RealData, dest: Path, n: RealSizes) 
     want = max(n.zh_vocab, 2 * lacking)
     notice = (f"raised from {n.zh_vocab} to {want}: two merges per corpus character the base spells with several "
               f"tokens ({lacking} of {len(chars)})") if want > n.zh_vocab else ""
+    print(f"learning {want} byte-level merges on {len(data.zh_train)} Chinese files ({notice or 'as requested'})",
+          flush=True)
     r = extend_byte_level_bpe(base_dir, data.zh_train, dest,
                               ByteBPEOptions(num_new_tokens=want, pad_token=True, pad_to_multiple_of=64))
     return {"kind": "byte-level BPE (continuation training, tokenizer/byte_bpe.py)", "base_vocab": r.base_vocab,
