@@ -122,12 +122,19 @@ class SyntheticTask:
 
     CORRUPTIONS = ("numeral", "neighbour", "zero", "truncated", "digits")
 
-    def corrupt(self, ex: Example, rng: random.Random) -> tuple[str, str]:
+    def corrupt(self, ex: Example, rng: random.Random, weights: dict[str, float] | None = None) -> tuple[str, str]:
         """(a wrong answer near the right one, its kind): the rejected side of a preference pair.
-        Kinds (uniform): one numeral changed, a neighbouring value's reading, 零 dropped or added,
-        the answer cut short, the digits copied back instead of written out."""
+        Kinds: one numeral changed, a neighbouring value's reading, 零 dropped or added, the answer
+        cut short, the digits copied back instead of written out; uniform, or drawn with `weights`
+        (kind -> weight; a kind that does not apply to `ex` is redrawn)."""
+        if weights is not None:
+            bad = sorted(set(weights) - set(self.CORRUPTIONS))
+            if bad or not any(w > 0 for w in weights.values()) or any(w < 0 for w in weights.values()):
+                raise ValueError(f"corrupt: weights {weights} (kinds: {', '.join(self.CORRUPTIONS)}, "
+                                 "non-negative, not all 0)")
+            kinds = list(weights)
         while True:
-            kind = rng.choice(self.CORRUPTIONS)
+            kind = rng.choice(self.CORRUPTIONS) if weights is None else rng.choices(kinds, [weights[k] for k in kinds])[0]
             a = ex.answer
             if kind == "numeral":
                 pos = [i for i, c in enumerate(a) if c in DIGITS[1:] or c in YEAR_DIGITS]
@@ -188,10 +195,25 @@ def answer_of(question: str) -> str | None:
     return date_to_zh(y, mo, d) if 1 <= mo <= 12 and 1 <= d <= 31 else None
 
 
-def exact_match_reward(tokenizer: str):
-    """A PPO reward function (ppo.reward_fn = "llama_jax.synthetic:exact_match_reward",
-    ppo.reward_fn_args = {tokenizer: DIR}): 1 when the decoded response is exactly the answer to
-    the question in the decoded prompt, else 0 (no EOS: ppo.missing_eos_score applies)."""
+def answer_credit(response: str, answer: str, partial: float) -> float:
+    """1 for the exact answer, else `partial` x the share of the answer's characters the response
+    has in place (position by position, over the longer of the two), so a reply one numeral off
+    scores higher than one three off, and never as high as the exact answer (partial < 1)."""
+    if response == answer:
+        return 1.0
+    if not partial:
+        return 0.0
+    same = sum(a == b for a, b in zip(response, answer))
+    return partial * same / max(len(response), len(answer), 1)
+
+
+def exact_match_reward(tokenizer: str, partial: float = 0.0):
+    """A PPO / GRPO reward function (reward_fn = "llama_jax.synthetic:exact_match_reward",
+    reward_fn_args = {tokenizer: DIR}): 1 when the decoded response is exactly the answer to the
+    question in the decoded prompt, else 0, or with `partial` > 0 the graded credit of
+    `answer_credit` (no EOS: missing_eos_score applies).  A prompt without a question scores 0."""
+    if not 0.0 <= partial < 1.0:
+        raise ValueError(f"exact_match_reward: partial={partial} must be in [0, 1)")
     tok = load_tokenizer(tokenizer)
 
     def reward(prompt_ids, response_ids, mask):
@@ -199,7 +221,7 @@ def exact_match_reward(tokenizer: str):
         for i, (p, r, m) in enumerate(zip(prompt_ids, response_ids, mask)):
             want = answer_of(tok.decode([int(t) for t in p], skip_special_tokens=True))
             got = tok.decode([int(t) for t, k in zip(r, m) if k > 0], skip_special_tokens=True).strip()
-            out[i] = float(want is not None and got == want)
+            out[i] = 0.0 if want is None else answer_credit(got, want, partial)
         return out
 
     return reward

@@ -95,7 +95,7 @@ def test_first_minibatch_ratio_one_and_kl_zero(tmp_path, mode):
             f"ppo.reward_model={tmp_path / 'rm'}", "lora.enabled=true", "lora.rank=4", "lora.alpha=8",
             "ppo.temperature=0.7", "ppo.max_new_tokens=6", "train.batch_size=8", "ppo.minibatches=2", "ppo.epochs=2",
             "train.lr=1e-2", "mesh.fsdp=1", "train.progress=false", "ppo.kl_coef=0.1",
-            "ppo.check_fn=copy_last_token", "ppo.score_clip=0.05"])
+            "ppo.check_fn=copy_last_token", "ppo.score_clip=0.05", "ppo.critic_warmup=1"])
     else:
         cfg = load_config(ppo.PPOConfig, TOY, SMALL)
     T = cfg.ppo.temperature
@@ -145,8 +145,17 @@ def test_first_minibatch_ratio_one_and_kl_zero(tmp_path, mode):
     base = _logits(tr.reference_model(st), ids, attn)
     np.testing.assert_array_equal(_logits(tr.policy_model(st), ids, attn), base)
 
+    if mode == "lora+rm":  # ppo.critic_warmup=1: the first iteration trains the critic only
+        host = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]  # noqa: E731
+        p0, o0, c0 = host(st["params"]), host(st["opt_state"]), host(st["critic_params"])
+        st, uw = tr.update_fn(st, tr.policy_frozen, tr.critic_frozen, batch, jax.random.key(0))
+        assert float(uw["policy_updated"]) == 0.0
+        for a, b in zip(p0 + o0, host(st["params"]) + host(st["opt_state"])):
+            np.testing.assert_array_equal(a, b)
+        assert any(np.abs(a - b).max() > 0 for a, b in zip(c0, host(st["critic_params"])))
     st, u = tr.update_fn(st, tr.policy_frozen, tr.critic_frozen, batch, jax.random.key(0))
     assert float(u["ratio_maxdev_first"]) <= 1e-5 and float(u["nonfinite_updates"]) == 0
+    assert float(u["policy_updated"]) == 1.0
     assert float(u["approx_kl"]) > 0  # later minibatches did move the policy
     # the reference is still the initial model (LoRA off / frozen copy untouched by donation) ...
     np.testing.assert_allclose(_logits(tr.reference_model(st), ids, attn), base, atol=1e-6)

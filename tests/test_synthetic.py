@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from llama_jax.synthetic import SyntheticTask, date_to_zh, number_to_en, number_to_zh
+from llama_jax.synthetic import Example, SyntheticTask, date_to_zh, number_to_en, number_to_zh
 
 
 @pytest.mark.parametrize("n, zh", [
@@ -54,6 +54,30 @@ def test_corruptions_are_wrong():
         assert bad and bad != e.answer and not t.check(e, bad)
 
 
+def test_corruption_weights():
+    t = SyntheticTask()
+    rng = random.Random(1)
+    exs = t.examples(300, "train", 4)
+    kinds = [t.corrupt(e, rng, {"numeral": 3.0, "digits": 1.0})[1] for e in exs]
+    assert set(kinds) == {"numeral", "digits"} and 0.65 < kinds.count("numeral") / len(kinds) < 0.85
+    # a kind that does not apply (no numeral other than 零 in "零") is redrawn, never returned wrong
+    zero = Example("number", "把0写成汉字。", "零", "0")
+    assert {t.corrupt(zero, rng, {"numeral": 1.0, "digits": 1.0})[1] for _ in range(20)} == {"digits"}
+    for bad in ({"typo": 1.0}, {"numeral": 0.0}, {"numeral": -1.0, "digits": 2.0}):
+        with pytest.raises(ValueError, match="weights"):
+            t.corrupt(exs[0], rng, bad)
+
+
+def test_answer_credit():
+    from llama_jax.synthetic import answer_credit
+
+    assert answer_credit("九百六十五", "九百六十五", 0.5) == 1.0
+    assert answer_credit("九百五十五", "九百六十五", 0.5) == 0.5 * 4 / 5    # one numeral off
+    assert answer_credit("九百", "九百六十五", 0.5) == 0.5 * 2 / 5          # cut short
+    assert answer_credit("九百六十五万", "九百六十五", 0.5) == 0.5 * 5 / 6  # too long
+    assert answer_credit("九百五十五", "九百六十五", 0.0) == 0.0
+
+
 def test_corpus_lines_hold_true_facts():
     t = SyntheticTask()
     line = t.corpus(1, "train", 0, facts_per_line=3)[0]
@@ -94,3 +118,7 @@ def test_answer_of_and_checker_reward(data_dir):
         ids[i, :len(r)], mask[i, :len(r)] = r, 1
     got = reward(np.asarray([prompt] * 3), ids, mask)
     assert got.dtype == np.float32 and got.tolist() == [1.0, 0.0, 1.0]
+    graded = exact_match_reward(str(path), partial=0.5)(np.asarray([prompt] * 3), ids, mask)
+    np.testing.assert_allclose(graded, [1.0, 0.5 * 2 / 3, 1.0], rtol=1e-6)  # 七十三: 2 of 3 in place
+    with pytest.raises(ValueError, match="partial"):
+        exact_match_reward(str(path), partial=1.0)

@@ -49,6 +49,9 @@ class PPOOptions(RolloutOptions):
     value_model: str | None = opt(None, "critic init; default: the reward model, else the policy + zero head")
     critic_lora: bool | None = opt(None, "LoRA critic (value head trained in full); default: lora.enabled")
     critic_lr: float | None = opt(None, "critic learning rate; default: train.lr")
+    critic_warmup: int = opt(0, "first iterations that train only the critic (the policy and its optimizer "
+                             "kept): a critic initialised from the RM predicts scores, not returns, and its "
+                             "early advantages are noise")
     temperature: float = opt(0.7, "sampling temperature (log-probs use the same)")
     epochs: int = opt(4, "passes over one rollout batch")
     minibatches: int = opt(1, "updates per pass (must divide train.batch_size)")
@@ -76,6 +79,8 @@ class PPOOptions(RolloutOptions):
             raise ConfigError(f"{where}epochs must be >= 1")
         if self.minibatches < 1:
             raise ConfigError(f"{where}minibatches must be >= 1")
+        if self.critic_warmup < 0:
+            raise ConfigError(f"{where}critic_warmup: {self.critic_warmup} < 0")
 
 
 @dataclass
@@ -243,7 +248,7 @@ class PPOTrainer(RolloutTrainer):
         pol_gd, crit_gd = self.policy_graphdef, self.critic_graphdef
         clip, vclip = pc.clip, pc.value_clip
         vf_coef, ent_coef = pc.vf_coef, pc.ent_coef
-        E, M = pc.epochs, pc.minibatches
+        E, M, warmup = pc.epochs, pc.minibatches, pc.critic_warmup
         tx, ctx = self.tx, self.ctx
 
         def pol_loss(p, frz, mb):
@@ -264,6 +269,7 @@ class PPOTrainer(RolloutTrainer):
             batch = {k: batch[k] for k in keys}
             perms = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), B) for e in range(E)])
             idx = perms.reshape(E * M, B // M)
+            train_policy = st["step"] >= warmup  # critic warmup: the policy (and Adam's moments) kept
 
             def one(s, rows):
                 mb = jax.tree.map(lambda x: x[rows], batch)
@@ -273,10 +279,10 @@ class PPOTrainer(RolloutTrainer):
                 up, new_opt = tx.update(gp, s["opt_state"], s["params"])
                 uc, new_copt = ctx.update(gc, s["critic_opt_state"], s["critic_params"])
                 finite = jnp.isfinite(lp) & jnp.isfinite(lc) & jnp.isfinite(gnp) & jnp.isfinite(gnc)
-                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+                keep = lambda new, old, on=finite: jax.tree.map(lambda a, b: jnp.where(on, a, b), new, old)  # noqa: E731
                 s = {**s,
-                     "params": keep(optax.apply_updates(s["params"], up), s["params"]),
-                     "opt_state": keep(new_opt, s["opt_state"]),
+                     "params": keep(optax.apply_updates(s["params"], up), s["params"], finite & train_policy),
+                     "opt_state": keep(new_opt, s["opt_state"], finite & train_policy),
                      "critic_params": keep(optax.apply_updates(s["critic_params"], uc), s["critic_params"]),
                      "critic_opt_state": keep(new_copt, s["critic_opt_state"]),
                      "nonfinite": jnp.where(finite, 0, s["nonfinite"] + 1)}
@@ -288,6 +294,7 @@ class PPOTrainer(RolloutTrainer):
             out = {k: jnp.mean(v) for k, v in stats.items() if k not in ("ratio_maxdev", "finite")}
             out["ratio_maxdev_first"] = stats["ratio_maxdev"][0]  # 0 up to rounding: same log-prob fn
             out["nonfinite_updates"] = jnp.sum(1.0 - stats["finite"])
+            out["policy_updated"] = train_policy.astype(jnp.float32)
             return st, out
 
         self._update = update
@@ -375,7 +382,8 @@ class PPOTrainer(RolloutTrainer):
         jax.block_until_ready(batch["advantages"])
         t1 = time.perf_counter()
         st, ustats = self.update(st, batch, step)
-        st = {**st, "beta": new_beta}
+        if step >= self.cfg.ppo.critic_warmup:  # beta follows the KL of a policy that is trained
+            st = {**st, "beta": new_beta}
         rec = {k: float(v) for k, v in jax.device_get({**stats, **ustats}).items()}
         t2 = time.perf_counter()
         rec["lr"] = float(self.lr_fn(step * self.updates_per_step))
