@@ -56,20 +56,25 @@ class Sizes:
     """Data and step counts of the built-in run (chosen to fit ~10 minutes on 2 CPU cores)."""
     corpus_lines: int = 4000
     sft_examples: int = 4000
-    pref_pairs: int = 25600  # one epoch of the RM's 800 x 32 pairs
+    pref_pairs: int = 15000  # + ~5,300 own-sample pairs: about one epoch of the RM's 640 x 32
+    # the SFT model's answers to this many training questions, k each at T = 0.7: every wrong one
+    # becomes a pair (correct answer chosen), as InstructGPT's RM data are comparisons of model samples
+    rm_sample_questions: int = 3000
+    rm_samples_per_question: int = 4
     ppo_prompts: int = 2000
     eval_questions: int = 256
     eval_pairs: int = 400
     pretrain_steps: int = 300
     sft_steps: int = 150   # seed 0: 100 steps 37.1 %, 150 68.4 %, 300 98.8 % held-out exact-match (docs/rl.md)
-    rm_steps: int = 800
+    rm_steps: int = 640
     # the RM's training negatives by corruption kind (held-out pairs stay uniform): a uniform mix left
     # the value-level kinds near chance (numeral 58 %, neighbour 60 %, seed 0) while the others were at
-    # 100 % after 40 steps; this mix and 800 steps: every kind >= 92 % (seed 0, docs/rl.md)
+    # 100 % after 40 steps; this mix and 800 steps: every kind >= 92 % (seed 0, docs/rl.md); 640
+    # steps to keep the demo within 10 minutes
     pair_kinds: dict = field(default_factory=lambda: dict(PAIR_KINDS))
     ppo_steps: int = 25
     ppo_critic_warmup: int = 5  # of ppo_steps: critic-only iterations first (value loss 1.95 -> 0.84, seed 0)
-    grpo_steps: int = 30
+    grpo_steps: int = 50
     grpo_prompts: int = 64  # per step, x G = 8 samples (at 16, 14 of 16 groups were all-equal: no signal)
     seed: int = 0
 
@@ -87,6 +92,9 @@ class DemoData:
     pref_eval: list[Path]
     ppo_prompts: list[Path]
     base_tokenizer_corpus: Path | None = None  # text for the on-the-fly base tokenizer
+    # the RM's pairs from the SFT model's own wrong samples (written after SFT; built-in task only)
+    pref_samples: Path | None = None
+    sample_pair_questions: list[Example] = field(default_factory=list)
     eval_questions: list[Example] = field(default_factory=list)
     sample_questions: list[str] = field(default_factory=list)
 
@@ -134,11 +142,13 @@ def synthetic_data(d: Path, task: SyntheticTask, n: Sizes) -> DemoData:
     prompts = _write_jsonl(d / "ppo_prompts.jsonl",
                            [{"instruction": e.question} for e in task.examples(n.ppo_prompts, "train", s + 4)])
     questions = task.examples(n.eval_questions, "test", s + 5)
+    sample_qs = task.examples(n.rm_sample_questions, "train", s + 6)
     base_corpus = _write_lines(d / "base_tokenizer_corpus.txt", english_corpus(4000, s))
     return DemoData(tokenizer_corpus=[train_corpus], tokenizer_eval=eval_corpus.read_text("utf-8").splitlines(),
                     pretrain_train=[train_corpus], pretrain_eval=[eval_corpus], sft_train=[sft_train],
                     sft_eval=[sft_eval], pref_train=[pref_train], pref_eval=[pref_eval], ppo_prompts=[prompts],
                     base_tokenizer_corpus=base_corpus, eval_questions=questions,
+                    pref_samples=d / "pref_train_samples.jsonl", sample_pair_questions=sample_qs,
                     sample_questions=[e.question for e in questions[:4]])
 
 
@@ -170,7 +180,7 @@ def tokenizer_stage(out: Path, data: DemoData, base: Path | None, zh_vocab: int)
     zh = train_bpe(d / "zh", input_files=data.tokenizer_corpus, vocab_size=zh_vocab,
                    extra={"hard_vocab_limit": False}).model_path
     # <pad> right after the base pieces; vocab rounded up to a multiple of 64 (TPU/GPU-friendly)
-    merged = merge_tokenizers(base, zh, d / "merged", MergeOptions(pad_token=True, pad_to_multiple_of=64))
+    merge_tokenizers(base, zh, d / "merged", MergeOptions(pad_token=True, pad_to_multiple_of=64))
     base_sp = spm.SentencePieceProcessor(model_file=str(base))
     new_sp = spm.SentencePieceProcessor(model_file=str(d / "merged" / "tokenizer.model"))
     m = {"base": str(base), "base_kind": base_kind, "base_vocab": base_sp.get_piece_size(),
@@ -234,7 +244,8 @@ def stage_configs(out: Path, data: DemoData, tok_dir: Path, tok_m: dict, n: Size
         "rm": {
             "model": {"init": str(models / "sft")},
             "tokenizer": str(tok_dir),
-            "data": {"train_files": _strs(data.pref_train), **ev(data.pref_eval, frac=0.1), "template": TEMPLATE,
+            "data": {"train_files": _strs(data.pref_train + ([data.pref_samples] if data.pref_samples else [])),
+                     **ev(data.pref_eval, frac=0.1), "template": TEMPLATE,
                      "max_length": 128, "pad_id": tok_m["pad_id"], "pad_to_multiple": 16},
             "rm": {"center_coef": 0.01},
             "train": {**common_train, "steps": n.rm_steps, "batch_size": 32, "lr": 5e-4, "min_lr_ratio": 0.0,
@@ -255,11 +266,12 @@ def stage_configs(out: Path, data: DemoData, tok_dir: Path, tok_m: dict, n: Size
                     "max_new_tokens": 24, "temperature": 0.7, "epochs": 2,
                     "minibatches": 2, "kl_coef": 0.05, "missing_eos_score": -1.0,
                     "critic_warmup": n.ppo_critic_warmup,
-                    # against the RM: normalised scores clipped, beta adapted toward a KL target, and
-                    # T = 0.4 (seed 0, same RM: held-out greedy exact-match 55.9 -> 47.7 % at T = 0.7,
-                    # -> 51.2 % at T = 0.4; docs/rl.md)
+                    # against the RM: normalised scores clipped, beta adapted toward a KL target, T = 0.4
+                    # and the critic from the policy's backbone (seed 0, held-out greedy exact-match from
+                    # 55.9 %: T = 0.7 47.7 %, T = 0.4 51.2 %; with the final RM, critic from the RM 53.5 %,
+                    # from the policy 54.3 %; docs/rl.md)
                     **({"score_clip": 3.0, "kl_coef": 0.1, "adaptive_kl": True, "kl_target": 0.3,
-                        "kl_horizon": 128, "temperature": 0.4} if ppo_reward == "rm" else {})},
+                        "kl_horizon": 128, "temperature": 0.4, "value_model": "policy"} if ppo_reward == "rm" else {})},
             "train": {**common_train, "steps": n.ppo_steps, "batch_size": 64,
                       "lr": 2e-4 if ppo_reward == "rm" else 5e-4, "warmup_ratio": 0.0,
                       "schedule": "constant", "log_every": 2, "checkpoint_every": n.ppo_steps},
@@ -271,13 +283,14 @@ def stage_configs(out: Path, data: DemoData, tok_dir: Path, tok_m: dict, n: Size
             "data": {"prompt_files": _strs(data.ppo_prompts), "template": TEMPLATE, "max_prompt_length": 48},
             "grpo": {"reward_fn": "llama_jax.synthetic:exact_match_reward",
                      "reward_fn_args": {"tokenizer": str(tok_dir)}, "group_size": 8, "max_new_tokens": 24,
-                     # T = 0.7, 64 prompts x 8, lr 5e-4, 30 iterations: the best of nine configs tried from
-                     # the seed-0 SFT model (55.9 -> 57.8 % held out; T = 0.4 / 1.0, lr 1e-3 / 3e-3, 16
-                     # prompts, a graded reward all ended lower, docs/rl.md)
+                     # T = 0.7, 64 prompts x 8, lr 2e-4 (60 iterations: the best of twelve configs tried from
+                     # the seed-0 SFT model (55.9 -> 60.2 % held out; T = 0.4 / 1.0, lr 5e-4 / 1e-3 / 3e-3,
+                     # 16 / 32 prompts, a graded reward, embed / lm_head trained all ended lower, docs/rl.md);
+                     # 50 iterations to keep the demo within 10 minutes
                      "temperature": 0.7, "epochs": 1, "minibatches": 4, "clip_low": 0.2, "clip_high": 0.28,
                      "scale_rewards": True, "kl_coef": 0.02, "kl_in": "loss", "kl_estimator": "k3",
                      "aggregation": "token", "drop_equal_groups": True, "missing_eos_score": -1.0},
-            "train": {**common_train, "steps": n.grpo_steps, "batch_size": n.grpo_prompts, "lr": 5e-4, "warmup_ratio": 0.0,
+            "train": {**common_train, "steps": n.grpo_steps, "batch_size": n.grpo_prompts, "lr": 2e-4, "warmup_ratio": 0.0,
                       "schedule": "constant", "log_every": 2, "checkpoint_every": n.grpo_steps},
         }} if checkable else {}),
     }
@@ -355,6 +368,44 @@ def pair_accuracy_by_kind(rm, tok, pairs_file: Path) -> dict:
     return {k: {"accuracy": round(sum(v) / len(v), 4), "pairs": len(v)} for k, v in sorted(out.items())}
 
 
+def own_sample_pairs(policy, tok, questions: list[Example], k: int, temperature: float = 0.7,
+                     seed: int = 0) -> list[dict]:
+    """Preference pairs from the policy's own mistakes: k sampled answers per question, each wrong
+    (non-empty) one the rejected side against the correct answer (`corruption: "sample"`).  The
+    synthetic corruptions alone left the RM at chance on the SFT model's real errors (0.505 right over
+    wrong, seed 0); with these pairs 0.952 (docs/rl.md)."""
+    qs = [e.question for e in questions]
+    out = []
+    for i in range(k):
+        for e, r in zip(questions, answers(policy, tok, qs, temperature=temperature, seed=seed + 1000 + i)):
+            if r and r != e.answer:
+                out.append({"prompt": e.question, "chosen": e.answer, "rejected": r, "corruption": "sample"})
+    return out
+
+
+def rm_on_policy_samples(policy, rm, tok, questions: list[Example], k: int = 8, temperature: float = 0.7,
+                         seed: int = 0) -> dict:
+    """What RL against the RM can gain, measured before RL: k sampled answers of `policy` per held-out
+    question, scored by the checker and the RM.  pass_at_1 / pass_at_k (some sample right: the ceiling
+    of any sharpening at this temperature), best_of_k_rm (exact-match of the RM's favourite sample:
+    what optimising the RM's preference among these samples gives), pairwise_accuracy (the RM scores
+    a right sample above a wrong one of the same question; the synthetic pairs' accuracy can be high
+    while this is at chance: 0.505 with uniform negatives, seed 0, docs/rl.md)."""
+    import numpy as np
+
+    qs = [e.question for e in questions]
+    reps = [answers(policy, tok, qs, temperature=temperature, seed=seed + i) for i in range(k)]
+    hits = np.array([[r == e.answer for r, e in zip(rs, questions)] for rs in reps])      # [k, Q]
+    sc = np.stack([np.asarray(rm_scores(rm, tok, qs, rs)) for rs in reps])               # [k, Q]
+    better = (sc[:, None, :] > sc[None, :, :]) & hits[:, None, :] & ~hits[None, :, :]     # [a right, b wrong, q]
+    n_pairs = int((hits[:, None, :] & ~hits[None, :, :]).sum())
+    best = sc.argmax(0)
+    return {"k": k, "temperature": temperature, "pass_at_1": round(float(hits.mean()), 4),
+            f"pass_at_{k}": round(float(hits.any(0).mean()), 4),
+            f"best_of_{k}_rm": round(float(hits[best, np.arange(len(qs))].mean()), 4),
+            "pairwise_accuracy": round(float(better.sum()) / n_pairs, 4) if n_pairs else None, "pairs": n_pairs}
+
+
 def exact_match(model, tok, questions: list[Example], **kw) -> tuple[float, list[str]]:
     replies = answers(model, tok, [e.question for e in questions], **kw)
     return sum(r == e.answer for r, e in zip(replies, questions)) / len(questions), replies
@@ -365,7 +416,7 @@ SIZES = {
     "default": Sizes(),
     # a smoke run of every stage (tests): same code, a few steps each
     "tiny": Sizes(corpus_lines=300, sft_examples=200, pref_pairs=128, ppo_prompts=64, eval_questions=32,
-                  eval_pairs=64, pretrain_steps=20, sft_steps=10, rm_steps=8, ppo_steps=3, ppo_critic_warmup=1,
+                  eval_pairs=64, rm_sample_questions=32, rm_samples_per_question=2, pretrain_steps=20, sft_steps=10, rm_steps=8, ppo_steps=3, ppo_critic_warmup=1,
                   grpo_steps=2, grpo_prompts=8),  # 8 x G = 64 rollouts: the shapes of the tiny PPO rollouts
 }
 
@@ -435,7 +486,8 @@ def run_demo(args) -> int:
     reward_kind = args.ppo_reward if args.ppo_reward != "auto" else "rm"
     if reward_kind == "exact" and not checkable:
         raise ValueError("--ppo-reward exact needs the built-in task (it checks answers); use rm with --data")
-    cfgs = {k: _write_config(out, k, v) for k, v in stage_configs(out, data, tok_dir, tm, n, reward_kind).items()}
+    stage_cfgs = stage_configs(out, data, tok_dir, tm, n, reward_kind)
+    cfgs = {k: _write_config(out, k, v) for k, v in stage_cfgs.items()}
 
     def run_stage(name, module, export_to=None, exporter=export):
         t0 = time.perf_counter()
@@ -468,13 +520,26 @@ def run_demo(args) -> int:
     report.stage("sft", sm)
 
     _banner("4/6 reward model (pairwise, on the SFT backbone)")
+    own = []
+    if data.pref_samples is not None:
+        t0 = time.perf_counter()
+        own = own_sample_pairs(llama_jax.load(models / "sft"), tok, data.sample_pair_questions,
+                               n.rm_samples_per_question, seed=n.seed)
+        _write_jsonl(data.pref_samples, own)
+        if not own:  # an SFT model that never errs (or never answers): the synthetic pairs alone
+            stage_cfgs["rm"]["data"]["train_files"] = _strs(data.pref_train)
+            cfgs["rm"] = _write_config(out, "rm", stage_cfgs["rm"])
+        print(f"rm: {len(own)} pairs from the SFT model's wrong answers ({n.rm_samples_per_question} samples x "
+              f"{len(data.sample_pair_questions)} training questions, {time.perf_counter() - t0:.0f} s)")
     recs, secs = run_stage("rm", reward, "rm", exporter=reward.export)
-    rm = {"seconds": secs, "steps": n.rm_steps, "eval_accuracy": _last(recs, "eval_accuracy"),
+    rm = {"seconds": secs, "steps": n.rm_steps, "own_sample_pairs": len(own), "eval_accuracy": _last(recs, "eval_accuracy"),
           "eval_accuracy_first": _first(recs, "eval_accuracy"), "eval_margin": _last(recs, "eval_margin"),
           "eval_pairs_file": _strs(data.pref_eval)}
     rm_model = llama_jax.load(models / "rm", head="score")
     if checkable:
         rm["eval_accuracy_by_corruption"] = pair_accuracy_by_kind(rm_model, tok, data.pref_eval[0])
+        rm["on_sft_samples"] = rm_on_policy_samples(llama_jax.load(models / "sft"), rm_model, tok,
+                                                    data.eval_questions, seed=n.seed)
     report.stage("rm", rm)
 
     _banner(f"5/6 PPO (LoRA policy, reference = LoRA off, critic from the RM; reward: "
@@ -538,6 +603,15 @@ def _num(x, fmt="{:.3f}"):
     return "-" if x is None else fmt.format(x)
 
 
+def _sample_rows(o: dict | None) -> list[tuple]:
+    if not o:
+        return []
+    k = o["k"]
+    return [("rm", "right over wrong SFT sample, same question", "-", _pct(o.get("pairwise_accuracy"))),
+            ("rm", f"exact-match: one SFT sample -> RM's best of {k} / any of {k}", _pct(o.get("pass_at_1")),
+             f"{_pct(o.get(f'best_of_{k}_rm'))} / {_pct(o.get(f'pass_at_{k}'))}")]
+
+
 def summary_table(rep: dict) -> str:
     s = rep["stages"]
     t, p, f, r, q = (s.get(k, {}) for k in ("tokenizer", "pretrain", "sft", "rm", "ppo"))
@@ -547,6 +621,7 @@ def summary_table(rep: dict) -> str:
         ("pretrain", "perplexity, held-out text", _num(p.get("eval_ppl_first"), "{:.1f}"), _num(p.get("eval_ppl"), "{:.2f}")),
         ("sft", "exact-match, held-out questions", _pct(f.get("exact_match_before")), _pct(f.get("exact_match"))),
         ("rm", "accuracy, held-out pairs", _pct(r.get("eval_accuracy_first")), _pct(r.get("eval_accuracy"))),
+        *_sample_rows(r.get("on_sft_samples")),
         ("ppo", "exact-match, held-out questions", _pct(q.get("exact_match_before")), _pct(q.get("exact_match"))),
         ("ppo", f"reward of rollouts ({'RM score' if q.get('reward') == 'rm' else 'exact-match checker'})",
          _num(q.get("score_first")), _num(q.get("score_last"))),

@@ -42,7 +42,7 @@ from .model import abstract_model
 from .sharding import make_mesh, parse_mesh, state_shardings
 from .stages import ppo, pretrain, sft
 from .stages.supervised import flops_per_token
-from .stages.ppo import PPOTrainer, critic_lora
+from .stages.ppo import PPOTrainer, critic_lora, critic_source
 from .train.config import RunConfig, load_config
 from .train.loop import build_train_step
 from .train.optim import count_params, on_mesh
@@ -391,7 +391,7 @@ def _plan_ppo(cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
     policy = abstract_stage_model(cfg, mesh)
     rm = abstract_stage_model(cfg, mesh, head="score") if pc.reward_model else None
     critic = abstract_stage_model(cfg, mesh, head="score")
-    critic_src = pc.value_model or pc.reward_model
+    critic_src = critic_source(pc)
     shared = bool(critic_src and critic_lora(cfg) and critic_src == pc.reward_model)  # critic base = RM's buffers
     tr = PPOTrainer.abstract(cfg, mesh, policy, critic, rm, P_len)
     st = tr.abstract_state()  # also makes the trainer's frozen pieces abstract, placed as a run places them

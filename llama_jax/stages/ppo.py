@@ -12,7 +12,8 @@ One iteration (= one `train.step`):
 Models: the policy starts from `model.init` (the SFT model), LoRA (`lora.enabled`) or full.
 The reference policy is the same weights with LoRA off (B = 0, no second copy of the base), or a
 frozen copy for full fine-tuning.  The critic is a separate value model (head='score') initialised
-from `ppo.value_model`, else the reward model, else the policy's backbone with a zero value head.
+from `ppo.value_model`, else the reward model, else (or with value_model: policy) the policy's
+backbone with a zero value head.
 
 Exactness: the RNG of step s is fold_in(seed, s), prompts are a function of s, and the checkpoint
 holds everything that changes (policy and critic trainables, both optimizer states, beta, step),
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PPOOptions(RolloutOptions):
-    value_model: str | None = opt(None, "critic init; default: the reward model, else the policy + zero head")
+    value_model: str | None = opt(None, "critic init: a score-head model, or 'policy' (the policy's backbone + a zero "
+                                  "value head); default: the reward model, else 'policy'")
     critic_lora: bool | None = opt(None, "LoRA critic (value head trained in full); default: lora.enabled")
     critic_lr: float | None = opt(None, "critic learning rate; default: train.lr")
     critic_warmup: int = opt(0, "first iterations that train only the critic (the policy and its optimizer "
@@ -123,7 +125,7 @@ class PPOTrainer(RolloutTrainer):
         prompts, policy, rm = self._load(cfg)
         mesh, V = self.mesh, self.config.vocab_size
         # -- critic from the value model, the RM or the policy's backbone (built before LoRA is attached)
-        critic_src = pc.value_model or pc.reward_model
+        critic_src = critic_source(pc)
         crit_lora = critic_lora(cfg)
         if critic_src and crit_lora and critic_src == pc.reward_model:
             critic = _share_frozen(rm)  # a LoRA critic on the RM: no second copy of the RM's base
@@ -412,6 +414,12 @@ class PPOTrainer(RolloutTrainer):
         last = super().run(run_dir)
         last["critic_trainable_params"] = self.n_critic_params
         return last
+
+
+def critic_source(pc: PPOOptions) -> str | None:
+    """The model the critic starts from: ppo.value_model, else the reward model; None = the policy's
+    backbone with a zero value head (value_model: policy, or no reward model)."""
+    return None if pc.value_model == "policy" else (pc.value_model or pc.reward_model)
 
 
 def run(config_path, out: str | None = None, overrides=()) -> dict:
