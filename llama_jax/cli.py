@@ -268,6 +268,43 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+XLA_CACHE_ENV = "LLAMA_JAX_XLA_CACHE"
+
+
+def xla_cache_dir() -> Path | None:
+    """Where the CLI keeps XLA's persistent compilation cache: $LLAMA_JAX_XLA_CACHE ("off" disables
+    it), else $XDG_CACHE_HOME/llama_jax/xla (~/.cache/...); None when disabled or when jax's own
+    JAX_COMPILATION_CACHE_DIR is set (that one wins, untouched)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    v = os.environ.get(XLA_CACHE_ENV)
+    if v is not None:
+        return None if v.strip().lower() in ("", "off", "0", "false", "no") else Path(v).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama_jax" / "xla"
+
+
+def enable_xla_cache() -> Path | None:
+    """Turn on XLA's persistent compilation cache (programs that took >= 1 s to compile, jax's
+    default threshold), so a rerun with the same shapes — a resumed run, the next demo seed, the
+    same stage with other data — loads its executables instead of compiling them again (measured in
+    docs/benchmarks.md: the GRPO bench's first iteration).  A cached executable computes exactly
+    what a fresh compile does."""
+    d = xla_cache_dir()
+    if d is None:
+        return None
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:  # set by the caller (a test, a notebook): keep it
+        return Path(jax.config.jax_compilation_cache_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only home: run without the cache rather than fail
+        print(f"llama-jax: XLA cache {d} unavailable ({e}); compiling every run", file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    return d
+
+
 def main(argv=None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     if words[:1] == ["plan"] and "cpu" not in words:
@@ -286,6 +323,8 @@ def main(argv=None) -> int:
 
         initialize_distributed(cpu_collectives=os.environ.get("LLAMA_JAX_CPU_COLLECTIVES") == "gloo")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command != "plan":  # plans compile for another platform once; nothing to reuse
+        enable_xla_cache()
     try:
         return int(args.func(args) or 0)
     except Exception as e:

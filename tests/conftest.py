@@ -5,6 +5,9 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the CLI's persistent XLA cache (~/.cache/llama_jax/xla) stays off in tests: nothing written to the
+# home directory, and every test compiles what it runs (tests/test_cli_cache.py tests the switch)
+os.environ.setdefault("LLAMA_JAX_XLA_CACHE", "off")
 
 import pytest  # noqa: E402
 
