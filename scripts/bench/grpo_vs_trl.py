@@ -2,6 +2,7 @@
 
     python3 -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0 transformers==5.24.0 trl
     .venv/bin/python scripts/bench/grpo_vs_trl.py [--rounds 4] [--per-round 2] [--json out.json]
+    .venv/bin/python scripts/bench/grpo_vs_trl.py --rounds 0 --cache-repeats 2   # first iteration, XLA cache
 
 Same work on both sides: the PPO benchmark's tiny Llama (`ppo_vs_trl.MODEL`: vocab 4096, hidden
 128, 2 layers, fp32) as policy and (a copy / LoRA-off view) reference, full fine-tuning, 8 prompts
@@ -57,6 +58,11 @@ def mean_id_reward(prompt_ids, response_ids, mask):
 # ----------------------------------------------------------------------------- llama_jax worker
 def _jax_setup(spec):
     cpus = _pin(spec["threads"])
+    if spec.get("xla_cache"):  # as the CLI does (llama_jax.cli.enable_xla_cache), in a given directory
+        os.environ["LLAMA_JAX_XLA_CACHE"] = spec["xla_cache"]
+        from llama_jax.cli import enable_xla_cache
+
+        enable_xla_cache()
     import jax
 
     from llama_jax.stages import grpo
@@ -245,6 +251,31 @@ def run(contenders=("llama_jax", "trl"), rounds=4, per_round=2, warmup=1, log=pr
     return out
 
 
+def first_iteration_cache(repeats: int = 2, log=print) -> dict:
+    """First-iteration time (XLA compilation included) of fresh llama_jax processes, without and with
+    the CLI's persistent XLA cache: `repeats` processes of each, alternating, the cached ones sharing
+    one initially empty cache directory (the first of them fills it, the others load from it)."""
+    d = tempfile.mkdtemp(prefix="bench_grpo_cache_")
+    res = {"no_cache": [], "cache": []}
+    try:
+        w = _grpo_worker("ckpt", {"kind": "ckpt", "dir": d}, log=log)
+        w.wait_ready()
+        w.close()
+        for i in range(repeats):
+            for mode in ("no_cache", "cache"):
+                spec = {"dir": d, "warmup": 1, "kind": "jax", "threads": 0,
+                        "xla_cache": os.path.join(d, "xla") if mode == "cache" else None}
+                w = _grpo_worker(f"llama_jax-{mode}", spec, log=log)
+                r = w.wait_ready()
+                w.close()
+                res[mode].append({k: r[k] for k in ("first_iter_s", "first_rollout_s", "first_update_s", "setup_s")})
+                log(f"[bench] {mode} process {i + 1}: first iteration {r['first_iter_s']:.1f} s "
+                    f"(rollout {r['first_rollout_s']:.1f} + update {r['first_update_s']:.1f})")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contenders", default="llama_jax,trl")
@@ -252,8 +283,12 @@ def main(argv=None):
     ap.add_argument("--per-round", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cache-repeats", type=int, default=0,
+                    help="also time the first iteration of N fresh processes without / with the persistent XLA cache")
     a = ap.parse_args(argv)
-    out = run(tuple(a.contenders.split(",")), a.rounds, a.per_round, a.warmup)
+    out = run(tuple(a.contenders.split(",")), a.rounds, a.per_round, a.warmup) if a.rounds else {}
+    if a.cache_repeats:
+        out["first_iteration_cache"] = first_iteration_cache(a.cache_repeats)
     common.write_json(a.json, out)
 
 
