@@ -33,13 +33,18 @@ def _row(seed, rep):
     cells.append("yes" if h.get("hacking") else ("no" if h else "-"))
     rm = st.get("rm", {}).get("eval_accuracy_by_corruption") or {}
     cells.append(" ".join(f"{k[:4]} {100 * v['accuracy']:.0f}" for k, v in rm.items()) or "-")
+    o = st.get("rm", {}).get("on_sft_samples") or {}
+    k = o.get("k", 8)
+    cells.append("-" if not o else f"{100 * o['pairwise_accuracy']:.1f}% / {100 * o[f'best_of_{k}_rm']:.1f}% / "
+                                   f"{100 * o[f'pass_at_{k}']:.1f}%")
     cells.append(f"{rep.get('seconds', 0):.0f}")
     return cells
 
 
 def table(reports: dict) -> str:
     head = ["seed", "SFT EM", "PPO (RM) EM", "GRPO EM", "RM score SFT", "RM score PPO", "RM score GRPO", "KL PPO",
-            "KL GRPO", "hacking", "RM held-out acc. per kind", "seconds"]
+            "KL GRPO", "hacking", "RM held-out acc. per kind",
+            "RM on SFT samples: right>wrong / best-of-8 / pass@8", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for seed, rep in reports.items():
         lines.append("| " + " | ".join(_row(seed, rep)) + " |")
