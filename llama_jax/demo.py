@@ -521,10 +521,10 @@ def run_demo(args) -> int:
     report.stage("sft", sm)
 
     _banner("4/6 reward model (pairwise, on the SFT backbone)")
-    own = []
+    own, sft_model = [], llama_jax.load(models / "sft") if checkable else None
     if data.pref_samples is not None:
         t0 = time.perf_counter()
-        own = own_sample_pairs(llama_jax.load(models / "sft"), tok, data.sample_pair_questions,
+        own = own_sample_pairs(sft_model, tok, data.sample_pair_questions,
                                n.rm_samples_per_question, seed=n.seed)
         _write_jsonl(data.pref_samples, own)
         if not own:  # an SFT model that never errs (or never answers): the synthetic pairs alone
@@ -539,7 +539,7 @@ def run_demo(args) -> int:
     rm_model = llama_jax.load(models / "rm", head="score")
     if checkable:
         rm["eval_accuracy_by_corruption"] = pair_accuracy_by_kind(rm_model, tok, data.pref_eval[0])
-        rm["on_sft_samples"] = rm_on_policy_samples(llama_jax.load(models / "sft"), rm_model, tok,
+        rm["on_sft_samples"] = rm_on_policy_samples(sft_model, rm_model, tok,
                                                     data.eval_questions, seed=n.seed)
     report.stage("rm", rm)
 

@@ -132,13 +132,17 @@ class SyntheticTask:
             if bad or not any(w > 0 for w in weights.values()) or any(w < 0 for w in weights.values()):
                 raise ValueError(f"corrupt: weights {weights} (kinds: {', '.join(self.CORRUPTIONS)}, "
                                  "non-negative, not all 0)")
-            kinds = list(weights)
+            kinds = [k for k in weights if weights[k] > 0]
         while True:
+            if weights is not None and not kinds:  # no weighted kind applies to this example
+                raise ValueError(f"corrupt: none of the kinds weighted in {weights} applies to {ex.answer!r}")
             kind = rng.choice(self.CORRUPTIONS) if weights is None else rng.choices(kinds, [weights[k] for k in kinds])[0]
             a = ex.answer
             if kind == "numeral":
                 pos = [i for i, c in enumerate(a) if c in DIGITS[1:] or c in YEAR_DIGITS]
                 if not pos:
+                    if weights is not None:
+                        kinds.remove(kind)
                     continue
                 i = rng.choice(pos)
                 table = YEAR_DIGITS if ex.kind == "date" and i < 4 else DIGITS[1:]
@@ -153,6 +157,8 @@ class SyntheticTask:
                 bad = a.replace("零", "", 1) if "零" in a else a[:1] + "零" + a[1:]
             elif kind == "truncated":
                 if len(a) < 2:
+                    if weights is not None:
+                        kinds.remove(kind)
                     continue
                 bad = a[:rng.randint(1, len(a) - 1)]
             else:

@@ -63,6 +63,8 @@ def test_corruption_weights():
     # a kind that does not apply (no numeral other than 零 in "零") is redrawn, never returned wrong
     zero = Example("number", "把0写成汉字。", "零", "0")
     assert {t.corrupt(zero, rng, {"numeral": 1.0, "digits": 1.0})[1] for _ in range(20)} == {"digits"}
+    with pytest.raises(ValueError, match="applies"):  # only kinds that cannot corrupt "零": no endless redraw
+        t.corrupt(zero, rng, {"numeral": 1.0, "truncated": 1.0})
     for bad in ({"typo": 1.0}, {"numeral": 0.0}, {"numeral": -1.0, "digits": 2.0}):
         with pytest.raises(ValueError, match="weights"):
             t.corrupt(exs[0], rng, bad)
