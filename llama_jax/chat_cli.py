@@ -42,7 +42,7 @@ class ChatSession:
 
     def reset(self):
         self.history: list[tuple[str, list[int]]] = []  # (user text, response ids as generated)
-        self.cache = Cache.init(self.model.config, 1, self.max_length)
+        self.cache = Cache.init(self.model.config, 1, self.max_length, mesh=self.model.mesh)
         self.next_pos = 0
         self.pending: list[int] = []  # a final token the decoder sampled but did not feed
 
@@ -87,7 +87,7 @@ class ChatSession:
             raise ValueError(f"the message is too long: {len(ids)} tokens with the template leave no room to reply "
                              f"within max_length={self.max_length}")
         self.history = past
-        self.cache = Cache.init(self.model.config, 1, self.max_length)
+        self.cache = Cache.init(self.model.config, 1, self.max_length, mesh=self.model.mesh)
         self.next_pos = 0
         return ids
 

@@ -17,6 +17,7 @@ from typing import Any
 ROPE_TYPES = ("default", "linear", "dynamic")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")  # llama_jax.attention.IMPLS
+CACHE_LAYERS = ("auto", "scan", "unroll")  # model.Cache: stacked + scanned, or a buffer per layer
 
 
 class UnsupportedConfigError(ValueError):
@@ -48,9 +49,10 @@ class LlamaConfig:
     scan_layers: bool = True        # lax.scan over stacked layers; False = unrolled loop
     remat: str = "none"             # one of REMAT_POLICIES
     attention_impl: str | None = None  # None = "xla"; "cudnn", "splash" or "auto" (llama_jax.attention)
+    cache_layers: str = "auto"      # with a KV cache: "scan" | "unroll" | "auto" (unroll on CPU; model.Cache)
     extra: dict = field(default_factory=dict, repr=False)  # unknown-but-harmless HF keys, kept for export
 
-    RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "extra")
+    RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "cache_layers", "extra")
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -69,6 +71,8 @@ class LlamaConfig:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling, "rope_scaling")
         if self.attention_impl not in (None,) + ATTENTION_IMPLS:
             raise UnsupportedConfigError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+        if self.cache_layers not in CACHE_LAYERS:
+            raise UnsupportedConfigError(f"cache_layers={self.cache_layers!r}: expected one of {CACHE_LAYERS}")
         if self.remat not in REMAT_POLICIES:
             raise UnsupportedConfigError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
 

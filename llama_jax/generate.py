@@ -126,12 +126,14 @@ def inference_model(graphdef, state):
     return model
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def prefill(graphdef, state, input_ids, attention_mask, cache: Cache, positions=None):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("fresh",), donate_argnums=(4,))
+def prefill(graphdef, state, input_ids, attention_mask, cache: Cache, positions=None, *, fresh: bool = False):
     """Run the prompt through the model, filling the cache from its index (positions default to
-    cumsum(mask) - 1, i.e. a fresh sequence); returns (last logits [B, V], cache)."""
+    cumsum(mask) - 1, i.e. a fresh sequence); returns (last logits [B, V], cache).  fresh: the
+    cache is empty (a new batch), so attention stays within the prompt and takes the configured
+    kernel (`Llama.__call__`)."""
     model = inference_model(graphdef, state)
-    logits, cache = model(input_ids, attention_mask, positions, cache=cache, last_only=True)
+    logits, cache = model(input_ids, attention_mask, positions, cache=cache, last_only=True, fresh=fresh)
     return logits[:, -1], cache
 
 
@@ -258,8 +260,8 @@ def generate(model: Llama, prompts, tokenizer=None, *, max_new_tokens: int = 64,
     sp = SamplingParams(max_new_tokens, float(temperature), int(top_k), float(top_p))
     cb = _stream_callback(stream, tokenizer, B)
     graphdef, state = nnx.split(model)
-    cache = Cache.init(cfg, B, T + max_new_tokens)
-    logits, cache = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache)
+    cache = Cache.init(cfg, B, T + max_new_tokens, mesh=model.mesh)
+    logits, cache = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache, fresh=True)
     positions = jnp.asarray(mask.sum(-1), jnp.int32)
     dec, hoist = decoder()
     out, _ = dec(graphdef, state, cache, logits, positions, jax.random.key(seed), sp, eos, int(pad_id), cb,

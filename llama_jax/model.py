@@ -4,7 +4,8 @@ Parameter layout mirrors HF module names (`layers.self_attn.q_proj.kernel` <->
 `model.layers.{i}.self_attn.q_proj.weight`), with kernels stored [in, out] and the layers stacked
 on a leading `layers` axis.  The stacked block is run by `lax.scan` (compile time independent of
 depth) or, with `scan_layers=False`, by a Python loop over the same parameters, so checkpoints
-do not depend on that choice.
+do not depend on that choice.  With a KV cache (inference) the layers are scanned too on
+accelerators (`cache_layers`, see `Cache`) and unrolled on CPU.
 
 One mask convention for padding, packing and the KV cache: every token has a segment id
 (0 = padding / empty cache slot) and a position; query q may see key k iff they share a
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from .attention import attend
+from .attention import attend, platform_of
 from .config import LlamaConfig
 from .quant import dequantize
 from .sharding import constrain, state_shardings
@@ -145,34 +146,44 @@ def apply_rope(x, cos, sin):
 
 
 # ----------------------------------------------------------------------------- blocks
-def cached_attention(q, ck, cv, mask, scale):
+def cached_attention(q, ck, cv, mask, scale, seq_major: bool = False):
     """Attention of q [B, T, N, D] to a cache layer k/v [B, K, S, D] (GQA: N = K * G), without
-    moving the cache: the score and value contractions have (B, K) as leading batch dims, so XLA
-    reads the buffers in place (a [B, S, K, D] layout costs a transpose of the whole layer per
-    decode step).  Scores and softmax in float32, as HF's eager attention.  mask [B, 1, T, S]."""
+    moving the cache: the score and value contractions have (B, K) as leading batch dims, so XLA:CPU
+    reads the buffers in place (a [B, S, K, D] layout costs it a transpose of the whole layer per
+    decode step).  seq_major: k/v are [B, S, K, D] (the stacked cache's layer slab, the layout
+    XLA:TPU keeps a KV cache in).  Scores and softmax in float32, as HF's eager attention.
+    mask [B, 1, T, S]."""
     B, T, N, D = q.shape
-    K = ck.shape[1]
+    kv = "bskd" if seq_major else "bksd"
+    K = ck.shape[2 if seq_major else 1]
     qg = q.reshape(B, T, K, N // K, D).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    sc = jnp.einsum("bkgtd,bksd->bkgts", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    sc = jnp.einsum(f"bkgtd,{kv}->bkgts", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32) * scale
     sc = jnp.where(mask[:, :, None], sc, jnp.finfo(jnp.float32).min)  # rows with no key: uniform, unused
     pr = jax.nn.softmax(sc, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", pr, cv.astype(q.dtype))
+    out = jnp.einsum(f"bkgts,{kv}->bkgtd", pr, cv.astype(q.dtype))
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, D)
 
 
-def cache_write(buf, new, index, axis: int):
+def cache_write(buf, new, index, axis: int, layer=None):
     """Write `new` into the cache buffer `buf` (both batch-leading) at `index` along `axis`: one
     column for every row (index a scalar, as generate's shared index) or each row at its own
-    (index [B], the server's slots, which hold sequences of different lengths)."""
+    (index [B], the server's slots, which hold sequences of different lengths).  layer: `buf` is
+    the layer-stacked [B, L, ...] buffer and `new` ([B, ...]) goes into layer `layer` (traced)."""
+    if layer is not None:
+        new, axis = new[:, None], axis + 1
     if jnp.ndim(index) == 0:
         at = [0] * buf.ndim
         at[axis] = index
-        return jax.lax.dynamic_update_slice(buf, new, tuple(at))
+        if layer is not None:
+            at[1] = layer
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), tuple(at))
 
     def row(b, n, i):
         at = [0] * b.ndim
         at[axis - 1] = i
-        return jax.lax.dynamic_update_slice(b, n, tuple(at))
+        if layer is not None:
+            at[0] = layer
+        return jax.lax.dynamic_update_slice(b, n.astype(b.dtype), tuple(at))
 
     return jax.vmap(row)(buf, new, index)
 
@@ -196,13 +207,26 @@ class Attention(nnx.Module):
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         q = constrain(q, ("batch", "length", "act_heads", None), mesh)
         if kv_cache is not None:
-            # Write this call's keys/values into this layer's own [B, K, S, D] buffers (in place: they
-            # are loop carries), then attend to all slots reading the buffers as stored.
-            ck, cv = kv_cache
-            ck = cache_write(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), attn.cache_index, axis=2)
-            cv = cache_write(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), attn.cache_index, axis=2)
-            kv_cache = (ck, cv)
-            out = cached_attention(q, ck, cv, attn.mask, self.head_dim ** -0.5)
+            # Write this call's keys/values into this layer's [B, K, S, D] buffers (in place: they are
+            # loop carries; a stacked cache's layer `layer` of [B, L, S, K, D]), then attend: to all
+            # slots, reading the buffers as stored; or, into a fresh cache, to this call's own tokens
+            # through the attention kernel (splash on TPU: no [T, S] scores).
+            ck, cv, layer = kv_cache
+            if layer is None:
+                ck = cache_write(ck, k.transpose(0, 2, 1, 3), attn.cache_index, axis=2)
+                cv = cache_write(cv, v.transpose(0, 2, 1, 3), attn.cache_index, axis=2)
+            else:
+                ck = cache_write(ck, k, attn.cache_index, axis=1, layer=layer)
+                cv = cache_write(cv, v, attn.cache_index, axis=1, layer=layer)
+            kv_cache = (ck, cv, layer)
+            if attn.fresh:
+                out = attend(q, k, v, attn.segment_ids, attn.mask, impl=self.impl, scale=self.head_dim ** -0.5,
+                             mesh=mesh)
+            else:
+                if layer is not None:
+                    ck = jax.lax.dynamic_index_in_dim(ck, layer, axis=1, keepdims=False)
+                    cv = jax.lax.dynamic_index_in_dim(cv, layer, axis=1, keepdims=False)
+                out = cached_attention(q, ck, cv, attn.mask, self.head_dim ** -0.5, seq_major=layer is not None)
         else:
             out = attend(q, k, v, attn.segment_ids, attn.mask, impl=self.impl, scale=self.head_dim ** -0.5,
                          mesh=mesh)
@@ -240,31 +264,59 @@ class AttnInputs(NamedTuple):
     mask: jax.Array | None      # [B, 1, T, S] bool, or None = plain causal
     cache_index: jax.Array | None
     segment_ids: jax.Array | None = None  # [B, T] of this call's tokens (splash attention's mask)
+    fresh: bool = False         # a cache that was empty before this call: attend within the call
+
+
+def scan_cache(cfg: LlamaConfig, mesh=None) -> bool:
+    """Whether inference with a KV cache scans the layers (a stacked cache) for the platform the
+    model is compiled for: `cache_layers` auto = unrolled on CPU, scanned elsewhere."""
+    if cfg.cache_layers == "auto":
+        return platform_of(mesh) != "cpu"
+    return cfg.cache_layers == "scan"
 
 
 class Cache(NamedTuple):
-    """KV cache at num_kv_heads, one buffer per layer: k/v tuples of [B, kv_heads, S, head_dim]
-    (separate buffers, so a decode step updates and reads layer i without slicing it out of a
-    stacked array, which XLA:CPU copies); per-slot segment/position shared by all layers."""
-    k: tuple
-    v: tuple
+    """KV cache at num_kv_heads, in one of two layouts (`scan_cache`), both batch-leading:
+    * unrolled (CPU): k/v tuples of one [B, kv_heads, S, head_dim] buffer per layer, so a decode
+      step updates and reads layer i without slicing it out of a stacked array, which XLA:CPU
+      copies; the layers run as a Python loop (compile time grows with depth);
+    * stacked (accelerators): k/v each one [B, L, S, kv_heads, head_dim] array carried through a
+      `lax.scan` over the layers (one compiled layer at any depth); layer i's new column is written
+      in place and its slab read where the attention needs it.  Sequence before heads: the layout
+      XLA:TPU picks for the carried cache (kv_heads x head_dim as its tiled minor dims, so a column
+      is whole tiles); stored [.., kv_heads, S, ..] it copied both arrays into that layout at the
+      entry and out at the exit of every decode call (measured on 7B, docs/plan.md).
+    Per-slot segment / position are shared by all layers."""
+    k: tuple | jax.Array
+    v: tuple | jax.Array
     segment_ids: jax.Array  # [B, S] int32, 0 = empty
     positions: jax.Array    # [B, S] int32
     index: jax.Array        # int32 scalar: next column to write (all rows); or [B]: per row
 
     @classmethod
-    def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> "Cache":
+    def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None, mesh=None) -> "Cache":
+        """An empty cache in the layout `scan_cache(cfg, mesh)` picks (mesh: the model's, for the
+        platform it is compiled for)."""
         dtype = _dt(dtype or cfg.dtype)
         shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
-        layers = range(cfg.num_hidden_layers)
-        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch, length), jnp.int32),
+        L = cfg.num_hidden_layers
+        if scan_cache(cfg, mesh):
+            stacked = (batch, L, length, cfg.num_key_value_heads, cfg.head_dim)
+            k, v = jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype)
+        else:
+            k, v = tuple(jnp.zeros(shape, dtype) for _ in range(L)), tuple(jnp.zeros(shape, dtype) for _ in range(L))
+        return cls(k, v, jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch, length), jnp.int32),
                    jnp.zeros((), jnp.int32))
 
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, tuple)
+
     @staticmethod
-    def layer_axes():
-        """Logical axes of one layer's k or v buffer (for sharding rules)."""
-        return ("batch", "kv_heads", "cache_length", None)
+    def layer_axes(stacked: bool = False):
+        """Logical axes of one layer's k or v buffer, or of the stacked array (for sharding rules)."""
+        return ("batch", "layers", "cache_length", "kv_heads", None) if stacked else (
+            "batch", "kv_heads", "cache_length", None)
 
 
 REMAT = {
@@ -311,14 +363,26 @@ class Llama(nnx.Module):
     def _run_layers(self, x, cos, sin, attn: AttnInputs, cache: Cache | None, layer_params=None):
         cfg, mesh = self.config, self.mesh
         graphdef, params = nnx.split(self.layers)
+        if cache is not None and cache.stacked:
+            # Inference, scanned: the stacked k/v arrays are carried (XLA updates a while loop's
+            # carry in place) and each layer writes and reads its own slab at the scanned index.
+            def cached_body(carry, xs):
+                x, ks, vs = carry
+                layer, i = xs
+                x, (ks, vs, _) = nnx.merge(graphdef, layer)(x, cos, sin, attn, (ks, vs, i), mesh)
+                return (x, ks, vs), None
+
+            idx = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            (x, ks, vs), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (params, idx))
+            return x, ks, vs
         if cache is not None:
-            # With a cache (inference) the layers run unrolled, each with its own KV buffers.
-            # layer_params: per-layer parameter states sliced once by the caller (generate.decode on
-            # CPU), else layer i is sliced here.
+            # Inference, unrolled (CPU): each layer with its own KV buffers.  layer_params: per-layer
+            # parameter states sliced once by the caller (generate.decode on CPU), else layer i is
+            # sliced here.
             ks, vs = list(cache.k), list(cache.v)
             for i in range(cfg.num_hidden_layers):
                 p = layer_params[i] if layer_params is not None else _layer(params, i)
-                x, (ks[i], vs[i]) = nnx.merge(graphdef, p)(x, cos, sin, attn, (ks[i], vs[i]), mesh)
+                x, (ks[i], vs[i], _) = nnx.merge(graphdef, p)(x, cos, sin, attn, (ks[i], vs[i], None), mesh)
             return x, tuple(ks), tuple(vs)
 
         def body(x, layer):
@@ -342,12 +406,15 @@ class Llama(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None, *, segment_ids=None,
                  cache: Cache | None = None, return_hidden: bool = False, last_only: bool = False,
-                 layer_params=None):
+                 layer_params=None, fresh: bool = False):
         """input_ids [B, T] -> logits [B, T, vocab] float32 (scores [B, T] for head='score').
 
         attention_mask: [B, T] 1 = real token (left or right padding); positions default to
         cumsum(mask) - 1 as HF generate computes them.  segment_ids: packed documents (ids > 0).
-        cache: a `Cache`; returns (logits, new_cache) when given.
+        cache: a `Cache`; returns (logits, new_cache) when given.  fresh: the cache holds nothing
+        before this call (a prefill) and is written from column 0, so attention stays within this
+        call's tokens and takes the configured kernel (splash on TPU) instead of scoring all S
+        slots; the caller promises the emptiness (same result, not checked).
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -365,7 +432,11 @@ class Llama(nnx.Module):
         if cache is not None:
             seg_all = cache_write(cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, axis=1)
             pos_all = cache_write(cache.positions, positions, cache.index, axis=1)
-            attn = AttnInputs(make_mask(segment_ids, positions, seg_all, pos_all), cache.index)
+            if fresh:
+                attn = AttnInputs(make_mask(segment_ids, positions, segment_ids, positions), cache.index,
+                                  segment_ids.astype(jnp.int32), fresh=True)
+            else:
+                attn = AttnInputs(make_mask(segment_ids, positions, seg_all, pos_all), cache.index)
             longest = pos_all  # dynamic NTK: longest position in the cache, as HF
         else:
             attn = AttnInputs(None if plain_causal else make_mask(segment_ids, positions, segment_ids, positions),

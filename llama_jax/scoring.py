@@ -118,8 +118,9 @@ def _prefix_cache(graphdef, state, prefix, length):
     """prefix [1, P] (left-padded: id -1 = empty) -> a one-row Cache of `length` columns holding it."""
     model = _inference(graphdef, state)
     real = prefix >= 0
-    cache = Cache.init(model.config, 1, length)
-    _, cache = model(jnp.where(real, prefix, 0), real.astype(jnp.int32), cache=cache, return_hidden=True)
+    cache = Cache.init(model.config, 1, length, mesh=model.mesh)
+    _, cache = model(jnp.where(real, prefix, 0), real.astype(jnp.int32), cache=cache, return_hidden=True,
+                     fresh=True)
     return cache
 
 

@@ -4,8 +4,9 @@ model are right.
 - stories260K (llama2.c legacy .bin, GQA 8/4 heads, shared classifier): `llama-jax convert`, then
   greedy decoding of 200 tokens from BOS through `llama_jax.generate` decodes to exactly llama2.c's
   own expectation (`expected_greedy_n200.txt`, compared byte for byte as llama2.c's test_all.py
-  does: run.c prints 200 steps after BOS, and the file has no trailing newline); transformers
-  reading the same directory gives the same logits.
+  does: run.c prints 200 steps after BOS, and the file has no trailing newline), with the layers
+  unrolled (CPU) and scanned over a stacked KV cache (accelerators); transformers reading the same
+  directory gives the same logits.
 - SmolLM2-135M-Instruct (GQA 9/3, tied, rope_theta 1e5, 49k byte-level BPE): logits equal
   transformers' on a left-padded batch of English, Chinese and code prompts, and 32 greedy tokens
   equal transformers' `generate`.
@@ -39,6 +40,14 @@ def test_stories260k_greedy_200_is_llama2c_golden_output(stories):
     assert len(tokens) == 200  # no EOS within 200 steps, as in llama2.c's run
     text = load_tokenizer(out).decode(tokens)  # the converted directory's own tokenizer.model
     assert text.encode("utf-8") == (src / "expected_greedy_n200.txt").read_bytes()
+
+
+def test_stories260k_golden_output_through_the_scanned_kv_cache(stories):
+    """The accelerators' inference layout (layers scanned over one stacked [B, L, S, K, D] cache,
+    fresh prefill through the attention kernel) decodes llama2.c's 200 greedy tokens too."""
+    _, out, _, tokens = stories
+    model = llama_jax.load(out, cache_layers="scan")
+    assert llama_jax.generate(model, [[1]], max_new_tokens=200)[0] == tokens
 
 
 def test_stories260k_converted_dir_matches_transformers(stories):

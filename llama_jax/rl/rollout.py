@@ -43,11 +43,13 @@ def cache_maker(cfg, batch: int, length: int, mesh):
     """A jitted zero-argument function returning an empty KV cache sharded over `mesh` (batch over
     the data axes); one per (cfg, batch, length, mesh), cached, since a fresh lambda every rollout
     would recompile."""
-    kv = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
-    kv_sh = (named_sharding(mesh, Cache.layer_axes(), kv),) * cfg.num_hidden_layers
+    make = lambda: Cache.init(cfg, batch, length, mesh=mesh)  # noqa: E731
+    kv = jax.eval_shape(make).k  # the layout the mesh's platform takes: stacked or a tuple of layers
+    axes = Cache.layer_axes(stacked=not isinstance(kv, tuple))
+    kv_sh = jax.tree.map(lambda a: named_sharding(mesh, axes, a.shape), kv)
     slot_sh = named_sharding(mesh, ("batch", "cache_length"), (batch, length))
     out = Cache(kv_sh, kv_sh, slot_sh, slot_sh, named_sharding(mesh, (), ()))
-    return jax.jit(lambda: Cache.init(cfg, batch, length), out_shardings=out)
+    return jax.jit(make, out_shardings=out)
 
 
 
@@ -71,7 +73,7 @@ def sample_responses(graphdef, state, cfg, prompt_ids, prompt_mask, rng, *, max_
         cache = Cache.init(cfg, B, P + max_new_tokens)
     else:
         cache = call("rollout_cache", cache_maker(cfg, B, P + max_new_tokens, mesh))
-    logits, cache = call("rollout_prefill", prefill, graphdef, state, prompt_ids, prompt_mask, cache)
+    logits, cache = call("rollout_prefill", prefill, graphdef, state, prompt_ids, prompt_mask, cache, fresh=True)
     if positions is None:
         positions = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     sp = SamplingParams(int(max_new_tokens), float(temperature), 0, 1.0)

@@ -145,7 +145,7 @@ class Engine:
         else:
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self.cache, self.tokens, self.keys = jax.device_put(
-            (Cache.init(mcfg, B, S)._replace(index=jnp.zeros((B,), jnp.int32)), jnp.zeros((B,), jnp.int32),
+            (Cache.init(mcfg, B, S, mesh=model.mesh)._replace(index=jnp.zeros((B,), jnp.int32)), jnp.zeros((B,), jnp.int32),
              jax.random.split(jax.random.key(0), B)), dev)
         self.slots: list[Request | None] = [None] * B
         self.positions = np.zeros(B, np.int32)
@@ -171,16 +171,15 @@ class Engine:
         row `slot` of the shared cache; returns (cache, the logits at n - 1 [1, V])."""
         model = inference_model(graphdef, state)
         T = ids.shape[1]
-        small = Cache.init(model.config, 1, T, dtype=cache.k[0].dtype)
+        small = Cache.init(model.config, 1, T, dtype=jax.tree.leaves(cache.k)[0].dtype, mesh=model.mesh)
         mask = (jnp.arange(T) < n)[None].astype(jnp.int32)
         pos = jnp.arange(T, dtype=jnp.int32)[None]
-        h, small = model(ids, mask, pos, cache=small, return_hidden=True, layer_params=layer_params)
+        h, small = model(ids, mask, pos, cache=small, return_hidden=True, layer_params=layer_params, fresh=True)
         logits = model.project(jax.lax.dynamic_slice_in_dim(h, n - 1, 1, axis=1))[:, 0]
         S = cache.segment_ids.shape[1]
         row = lambda a: jax.lax.dynamic_update_slice(jnp.zeros((1, S), jnp.int32), a, (0, 0))  # noqa: E731
         put = lambda big, one: jax.lax.dynamic_update_slice(big, one, (slot,) + (0,) * (big.ndim - 1))  # noqa: E731
-        cache = Cache(tuple(put(a, b) for a, b in zip(cache.k, small.k)),
-                      tuple(put(a, b) for a, b in zip(cache.v, small.v)),
+        cache = Cache(jax.tree.map(put, cache.k, small.k), jax.tree.map(put, cache.v, small.v),
                       put(cache.segment_ids, row(small.segment_ids)), put(cache.positions, row(small.positions)),
                       cache.index.at[slot].set(n))
         return cache, logits

@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import yaml
 
-from ..config import ATTENTION_IMPLS, REMAT_POLICIES
+from ..config import ATTENTION_IMPLS, CACHE_LAYERS, REMAT_POLICIES
 from ..tokenizer.corpus import default_data_dir
 
 
@@ -203,10 +203,17 @@ class ModelSection(Section):
     scan_layers: bool = opt(True, "lax.scan over the layers (one compiled layer)")
     attention_impl: str | None = opt(None, "attention kernel (llama_jax.attention); null = the model's default",
                                      (None,) + ATTENTION_IMPLS)
+    cache_layers: str = opt("auto", "inference with a KV cache: scan the layers (stacked cache) or unroll "
+                            "them (a buffer per layer); auto = unroll on CPU, scan on accelerators", CACHE_LAYERS)
     frozen_dtype: str | None = opt(None, "LoRA: the frozen base's dtype (null = the compute dtype)", (None,) + DTYPES)
     quantization: str | None = opt(None, "LoRA: a quantized frozen base (QLoRA, llama_jax.quant)",
                                    (None, "int8", "int4", "nf4"))
     quant_tile: int = opt(64, "int4 / nf4: input rows per scale")
+
+    def runtime(self) -> dict:
+        """The LlamaConfig runtime options this section sets (train.run.build_model, the planner)."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, scan_layers=self.scan_layers,
+                    attention_impl=self.attention_impl, cache_layers=self.cache_layers)
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -84,8 +84,7 @@ def build_tokenizer(cfg: RunConfig):
 def build_model(cfg: RunConfig, mesh, vocab_size: int | None, head: str = "lm"):
     """model.init is a preset (initialised from train.seed) or a checkpoint path (loaded)."""
     mc = cfg.model
-    runtime = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat, scan_layers=mc.scan_layers,
-                   attention_impl=mc.attention_impl)
+    runtime = mc.runtime()
     if mc.init in PRESETS:
         over = dict(mc.overrides)
         if vocab_size is not None:
