@@ -130,12 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="ahead-of-time TPU memory / FLOPs plan of a stage's real training step")
     pl.add_argument("--model", default="llama2-7b", help="preset: llama2-7b, llama2-13b, llama2-70b (default llama2-7b)")
-    pl.add_argument("--stage", default="sft-lora", help="pretrain-full, pretrain-lora, sft-lora, ppo (default sft-lora)")
+    pl.add_argument("--stage", default="sft-lora",
+                    help="pretrain-full, pretrain-lora, sft-lora, ppo, generate (default sft-lora)")
     pl.add_argument("--topology", default="v5e:2x4",
                     help="TPU slice: v5e:2x4, v5e-8, v4-8, v5p-8, v5p:2x2x2, v6e-8, ... or cpu (default v5e:2x4)")
     pl.add_argument("--batch", type=int, default=None, help="global batch (default: the stage config's)")
     pl.add_argument("--seq", type=int, default=None,
-                    help="sequence length (default: the config's block_size / max_length; PPO: prompt length)")
+                    help="sequence length (default: the config's block_size / max_length; PPO, generate: prompt length)")
+    pl.add_argument("--new-tokens", type=int, default=None, help="generate: tokens decoded (default 512)")
+    pl.add_argument("--quantization", choices=("int8", "int4", "nf4"), default=None,
+                    help="generate: weight-only quantized kernels; LoRA stages: the frozen base (QLoRA)")
     pl.add_argument("--mesh", default=None, help="mesh override, e.g. data=1,fsdp=4,tensor=2 (default: the "
                     "config's, fsdp over all chips)")
     pl.add_argument("--find-batch", action="store_true", help="find the largest global batch that fits")

@@ -9,7 +9,9 @@ trainer runs:
 * pretrain / SFT: `train.loop.build_train_step(...).step`, the function `train()` calls;
 * PPO: the rollout (`generate.prefill` and `generate.decode` with the KV cache, as
   `rl.rollout.sample_responses` calls them), the experience pass, the advantages and the update,
-  from `PPOTrainer.abstract`, which shares its construction with `PPOTrainer.__init__`.
+  from `PPOTrainer.abstract`, which shares its construction with `PPOTrainer.__init__`;
+* generate: `generate.prefill` (fresh cache) and `generate.decode` as `llama_jax.generate` calls
+  them, on bf16 (or weight-only quantized: `quantization`) weights.
 
 Per chip it reports XLA's memory analysis (arguments, outputs, temporaries, donated aliases) and
 cost analysis, against the chip's HBM.  A compile that does not fit fails in XLA with
@@ -37,8 +39,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import PRESETS, preset
-from .generate import decode
+from .generate import SamplingParams, decode, prefill
 from .model import abstract_model
+from .quant import quantize_model
+from .rl.rollout import cache_maker
 from .sharding import make_mesh, parse_mesh, state_shardings
 from .stages import ppo, pretrain, sft
 from .stages.supervised import flops_per_token
@@ -75,7 +79,9 @@ STAGES = {
     "pretrain-lora": (pretrain, pretrain.PretrainConfig, "pretrain-lora.yaml"),
     "sft-lora": (sft, sft.SFTConfig, "sft-lora.yaml"),
     "ppo": (ppo, ppo.PPOConfig, "ppo.yaml"),
+    "generate": (None, sft.SFTConfig, "generate.yaml"),  # model, prompt length, batch: no training
 }
+DEFAULT_NEW_TOKENS = 512  # generate: decode length
 # Chinese-LLaMA-2's merged vocabulary (LLaMA-2's 32,000 + Chinese pieces): the models these
 # stages train have been resized to it (llama-jax resize).
 DEFAULT_VOCAB = 55296
@@ -134,6 +140,8 @@ def get_topology(spec: str) -> Topology:
         raise PlanError(f"jax.experimental.topologies: {e}") from None
     _, chip_config, _, hbm_gib, peak = GENERATIONS[gen]
     kw = {"chip_config_name": chip_config} if chip_config else {}
+    if topo.endswith(":1x1"):  # one chip: the default host bounds (2x2x1) do not divide it
+        kw["chips_per_host_bounds"] = (1, 1, 1)
     # compile-only: no TPU is touched, so several planners may load libtpu at once
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
@@ -185,8 +193,7 @@ def abstract_stage_model(cfg: RunConfig, mesh, head: str = "lm"):
     mc = cfg.model
     if mc.init not in PRESETS:
         raise PlanError(f"model {mc.init!r}: the planner takes a preset ({', '.join(PRESETS)})")
-    runtime = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat, scan_layers=mc.scan_layers,
-                   attention_impl=mc.attention_impl)
+    runtime = mc.runtime()
     c = preset(mc.init, **mc.overrides, **runtime)
     return with_shardings(abstract_model(c, head=head, mesh=mesh), mesh)
 
@@ -336,13 +343,20 @@ def _mesh(cfg: RunConfig, topo: Topology, mesh_override: dict | None):
 
 def plan(stage: str, model: str, topology: Topology | str, *, batch: int | None = None, seq: int | None = None,
          mesh: dict | None = None, vocab_size: int | None = DEFAULT_VOCAB, config: str | None = None,
-         overrides=(), cfg: RunConfig | None = None) -> Plan:
-    """Lower and compile the stage's jitted step(s) for `topology`; returns the measured Plan."""
+         overrides=(), cfg: RunConfig | None = None, quantization: str | None = None,
+         new_tokens: int | None = None) -> Plan:
+    """Lower and compile the stage's jitted step(s) for `topology`; returns the measured Plan.
+    quantization: generate: weight-only quantized kernels; LoRA stages: the frozen base's (QLoRA,
+    = model.quantization).  new_tokens: generate's decode length (default DEFAULT_NEW_TOKENS)."""
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
+    if quantization and stage != "generate":
+        overrides = tuple(overrides) + (f"model.quantization={quantization}",)
     cfg = cfg or stage_config(stage, model, vocab_size=vocab_size, config=config, overrides=overrides)
     jmesh, mesh_shape = _mesh(cfg, topo, mesh)
     if stage == "ppo":
         return _plan_ppo(cfg, model, topo, jmesh, mesh_shape, batch, seq)
+    if stage == "generate":
+        return _plan_generate(cfg, model, topo, jmesh, mesh_shape, batch, seq, quantization, new_tokens)
     return _plan_train(stage, cfg, model, topo, jmesh, mesh_shape, batch, seq)
 
 
@@ -367,6 +381,51 @@ def _plan_train(stage, cfg, model, topo, mesh, mesh_shape, batch, seq) -> Plan:
     p.info = {"vocab_size": c.vocab_size, "trainable_params": count_params(params), "total_params": c.num_params(),
               "model_flops_per_step": flops_per_token(c, T) * B * T, "lora": cfg.lora.enabled,
               "state_bytes_per_chip": chip_bytes(args[0]), "frozen_bytes_per_chip": chip_bytes(args[1])}
+    return p
+
+
+def _plan_generate(cfg, model, topo, mesh, mesh_shape, batch, seq, quantization, new_tokens) -> Plan:
+    """`llama_jax.generate`'s two compiled calls on the mesh: the prefill of a fresh KV cache
+    (attention within the prompt: the configured kernel) and the `lax.while_loop` decode with the
+    donated cache, greedy (sampling adds [B, V] work, no memory that matters).  The cache is made
+    as the rollout makes it (`rl.rollout.cache_maker`: stacked for a scanned model on TPU)."""
+    B = int(batch or cfg.train.batch_size)
+    T = int(seq or cfg.data.max_length)
+    N = int(new_tokens or DEFAULT_NEW_TOKENS)
+    dp = mesh_shape["data"] * mesh_shape["fsdp"]
+    if B % dp:
+        raise PlanError(f"generate batch {B} must be a multiple of the data-parallel size {dp}")
+    m = abstract_stage_model(cfg, mesh)
+    if quantization:
+        quantize_model(m, quantization, cfg.model.quant_tile or 64)
+    c = m.config
+    graphdef, state = nnx.split(m)
+    p = Plan("generate", model, topo, mesh_shape, B, T, cfg)
+    lowered = {}
+
+    def run(name, fn, *args, **kw):
+        meas = compile_one(name, lambda: lowered.setdefault(name, fn.lower(*args, **kw)))
+        if name != "cache":
+            p.functions.append(meas)
+        return None if meas.error else _outputs(lowered[name], meas.compiled)
+
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
+    cache = run("cache", cache_maker(c, B, T + N, mesh))
+    out = run("prefill", prefill, graphdef, state, ids, ids, cache, fresh=True)
+    if out is not None:
+        logits, cache = out
+        positions = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows)
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P()))
+        eos = c.eos_token_ids or (2,)
+        run("decode", decode, graphdef, state, cache, logits, positions, key, SamplingParams(N), tuple(eos), 0,
+            None, hoist_layers=False)
+    weights = chip_bytes(state)
+    kv = None if cache is None else chip_bytes((cache.k, cache.v))
+    p.info = {"vocab_size": c.vocab_size, "prompt_length": T, "max_new_tokens": N, "quantization": quantization,
+              "cache_layers": "scan" if cache is not None and cache.stacked else "unroll",
+              "total_params": c.num_params(), "weights_bytes_per_chip": weights, "kv_cache_bytes_per_chip": kv,
+              "model_flops_per_step": flops_per_token(c, T + N) / 3.0 * B * (T + N)}
     return p
 
 
@@ -495,8 +554,10 @@ def batch_multiple(stage: str, cfg: RunConfig, mesh_shape: dict) -> int:
 def find_batch(stage, model, topology, **kw) -> tuple[Plan | None, int, list]:
     """(plan at the largest global batch that fits, that batch, [(batch, fits), ...])."""
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
+    q = kw.get("quantization")
+    over = tuple(kw.pop("overrides", ())) + ((f"model.quantization={q}",) if q and stage != "generate" else ())
     cfg = stage_config(stage, model, vocab_size=kw.pop("vocab_size", DEFAULT_VOCAB), config=kw.pop("config", None),
-                       overrides=kw.pop("overrides", ()))
+                       overrides=over)
     _, mesh_shape = _mesh(cfg, topo, kw.get("mesh"))
     plans = {}
 
@@ -527,11 +588,13 @@ def format_plan(p: Plan) -> str:
              f"remat {mc.remat}, compute {mc.dtype}, params {mc.param_dtype}, "
              f"attention {mc.attention_impl or 'xla'}"
              + (f", frozen base {mc.quantization} (tile {mc.quant_tile})" if mc.quantization else "")
+             + (f", weights {p.info['quantization']}" if p.info.get("quantization") else "")
+             + (f", cached layers {p.info['cache_layers']}" if "cache_layers" in p.info else "")
              + (f", grad_accum {accum}" if accum > 1 else "")
              + (f", LoRA r={lc.rank}" + (f" + {'/'.join(lc.trainable_modules)} in full" if lc.trainable_modules else "")
-                if lc.enabled else ", full fine-tuning"),
+                if lc.enabled else ", full fine-tuning" if p.stage != "generate" else ""),
              f"  global batch {p.batch} x " + (f"prompt {p.seq} + {p.info.get('max_new_tokens')} new tokens"
-                                              if p.stage == "ppo" else f"seq {p.seq}")
+                                              if p.stage in ("ppo", "generate") else f"seq {p.seq}")
              + f"; vocab {p.info.get('vocab_size')}"]
     hdr = f"  {'function':<16}{'args':>8}{'output':>8}{'temp':>8}{'alias':>8}{'other':>8}{'total':>8}  GiB/chip  {'XLA GFLOP/chip':>14}  compile"
     lines.append(hdr)
@@ -548,6 +611,9 @@ def format_plan(p: Plan) -> str:
         lines.append(f"  state (trainable + optimizer) {_gib(p.info['state_bytes_per_chip'])} GiB + frozen "
                      f"{_gib(p.info['frozen_bytes_per_chip'])} GiB per chip; {p.info['trainable_params']:,} trainable "
                      f"of {p.info['total_params']:,} parameters")
+    if "kv_cache_bytes_per_chip" in p.info:
+        lines.append(f"  weights {_gib(p.info['weights_bytes_per_chip'])} GiB + KV cache "
+                     f"{_gib(p.info['kv_cache_bytes_per_chip'])} GiB per chip")
     if "resident_bytes_per_chip" in p.info:
         lines.append(f"  resident between calls {_gib(p.info['resident_bytes_per_chip'])} GiB per chip ("
                      + ", ".join(f"{k} {_gib(v)}" for k, v in p.info["resident_groups_bytes_per_chip"].items()) + ")")
@@ -575,7 +641,7 @@ def _mesh_arg(s):
 def cmd_plan(args) -> int:
     vocab = None if args.vocab_size == 0 else args.vocab_size
     kw = dict(batch=args.batch, seq=args.seq, mesh=_mesh_arg(args.mesh), vocab_size=vocab, config=args.config,
-              overrides=args.set or ())
+              overrides=args.set or (), quantization=args.quantization, new_tokens=args.new_tokens)
     t0 = time.perf_counter()
     topo = get_topology(args.topology)
     results = []

@@ -212,3 +212,45 @@ def test_tpu_lowering_with_splash(tmp_path):
     assert 15 * 2**30 < d["usable_hbm_bytes_per_chip"] < 16 * 2**30 == d["hbm_bytes_per_chip"]
     d, _ = run(*common, "--set", "model.attention_impl=xla")
     assert d["fits"] and d["functions"][0]["mosaic_calls"] == 0
+
+
+@pytest.mark.skipif(not os.path.exists(PLAN_PY), reason="no .venv-plan with libtpu (`make test` builds it: make plan-env)")
+def test_tpu_generate_plan_scans_the_cached_layers_with_splash_prefill(tmp_path):
+    """`--stage generate` compiled for a v5e-4: on TPU the cached layers are scanned (one stacked KV
+    cache) and the fresh-cache prefill runs the splash kernel once, in the one compiled layer body
+    of the 4-layer model (unrolled, it would be 4 kernels); the KV cache is counted per chip."""
+    import json
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "g.json"
+    r = subprocess.run([PLAN_PY, "-m", "llama_jax.cli", "plan", "--model", "toy", "--stage", "generate",
+                        "--topology", "v5e-4", "--batch", "64", "--seq", "256", "--new-tokens", "256",
+                        "--vocab-size", "512", "--set", "model.overrides.num_hidden_layers=4", "--json", str(out)],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["fits"] and d["cache_layers"] == "scan" and [f["name"] for f in d["functions"]] == ["prefill", "decode"]
+    prefill, decode = d["functions"]
+    assert prefill["mosaic_calls"] == 1 and decode["mosaic_calls"] == 0
+    # toy: 4 layers x 2 (k, v) x 16 rows per chip x 512 slots x 2 kv heads x head_dim 16 x bf16
+    assert d["kv_cache_bytes_per_chip"] == 4 * 2 * 16 * 512 * 2 * 16 * 2
+    assert decode["temp_bytes"] < d["kv_cache_bytes_per_chip"]  # the decode loop holds no copy of the cache
+    assert "cached layers scan" in r.stdout
+
+
+def test_generate_plan_on_cpu_devices():
+    """The generate plan's pieces on the 8 fake CPU devices, both cache layouts: the unrolled one
+    (CPU's default) and the scanned one; int8 weights shrink the weights per chip."""
+    kw = dict(batch=8, seq=32, new_tokens=16, vocab_size=512)
+    plans = {cl: pl.plan("generate", "toy", "cpu", overrides=(f"model.cache_layers={cl}",), **kw)
+             for cl in ("unroll", "scan")}
+    for cl, p in plans.items():
+        assert [f.name for f in p.functions] == ["prefill", "decode"] and p.fits and p.info["cache_layers"] == cl
+        assert p.info["max_new_tokens"] == 16 and p.info["prompt_length"] == 32
+    assert plans["scan"].info["kv_cache_bytes_per_chip"] == plans["unroll"].info["kv_cache_bytes_per_chip"] == (
+        2 * 2 * 1 * 48 * 2 * 16 * 2)  # layers x (k, v) x row per chip x slots x kv heads x head_dim x bf16
+    q = pl.plan("generate", "toy", "cpu", quantization="int8", **kw)
+    # int8 kernels are half of bf16; the embedding, norms and per-channel float32 scales stay (toy: 76%)
+    assert q.info["weights_bytes_per_chip"] < 0.8 * plans["unroll"].info["weights_bytes_per_chip"]
+    assert "weights int8" in pl.format_plan(q)
