@@ -210,6 +210,14 @@ def prepare_frozen(model, *, frozen_dtype=None, quantization: str | None = None,
     factors stay float32).  In place; returns the model."""
     cfg = lora_config(model)
     _, full = _select(model, cfg.targets, cfg.trainable_modules)
+    return store_frozen(model, full=full, frozen_dtype=frozen_dtype, quantization=quantization, tile=tile)
+
+
+def store_frozen(model, *, full=frozenset(), frozen_dtype=None, quantization: str | None = None, tile: int = 64):
+    """Every base parameter not in `full` (paths) in `frozen_dtype` (None = the compute dtype), those
+    in `full` in float32, and with `quantization` every Linear kernel outside `full` stored
+    quantized.  For LoRA models (`prepare_frozen`) and for models that never train, such as the
+    reward model PPO reads and shares its base with a LoRA critic.  In place; returns the model."""
     fd = jnp.dtype(frozen_dtype or model.config.dtype)
     for path, _ in base_params(model):
         var = _var(model, path)

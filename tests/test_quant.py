@@ -143,3 +143,32 @@ def test_generate_int8_weights_smollm2(smollm2_dir, capsys):
     assert main(["generate", "--model", str(smollm2_dir), "--prompt", "The capital of France is",
                  "--max-new-tokens", "3", "--temperature", "0", "--quantization", "int8"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_ppo_reward_model_and_lora_critic_are_stored_like_the_policys_base():
+    """QLoRA PPO (the 7B ppo.yaml on the toy preset, abstract as the planner builds it): the reward
+    model and the LoRA critic's frozen base are stored as the policy's (int8 kernels, the rest in
+    the bf16 compute dtype, no float32 copy); trained leaves (LoRA factors, value head) stay float32."""
+    from llama_jax import plan as pl
+    from llama_jax.sharding import make_mesh
+    from llama_jax.stages.ppo import PPOTrainer
+
+    cfg = pl.stage_config("ppo", "toy", vocab_size=512, overrides=[
+        "model.quantization=int8", "model.dtype=bfloat16", "model.param_dtype=float32", "ppo.max_new_tokens=8"])
+    mesh = make_mesh({"fsdp": -1})
+    policy, rm, critic = (pl.abstract_stage_model(cfg, mesh, head=h) for h in ("lm", "score", "score"))
+    tr = PPOTrainer.abstract(cfg, mesh, policy, critic, rm, 16)
+
+    def dtypes(state):
+        return {tuple(str(p) for p in path): v.get_value().dtype for path, v in nnx.to_flat_state(state)}
+
+    for name, frozen in (("rm", tr.rm_state), ("critic", tr.critic_frozen), ("policy", tr.policy_frozen)):
+        d = dtypes(frozen)
+        kernels = {p: t for p, t in d.items() if p[-1] == "kernel" and p[0] != "score"}
+        assert kernels and all(t == jnp.int8 for t in kernels.values()), (name, kernels)
+        floats = {p: t for p, t in d.items() if p[-1] != "kernel" and jnp.issubdtype(t, jnp.floating)
+                  and "scale" not in p[-1]}
+        assert all(t == jnp.bfloat16 for t in floats.values()), (name, floats)
+    assert dtypes(tr.rm_state)[("score", "kernel")] == jnp.float32
+    trained = dtypes(tr.abstract_state()["critic_params"])
+    assert ("score", "kernel") in trained and all(t == jnp.float32 for t in trained.values())

@@ -159,6 +159,7 @@ class PPOTrainer(RolloutTrainer):
         self.mesh, self.tok, self.config = mesh, None, policy.config
         self.reward_offset, self.check_fn = 0.0, None
         self._set_reward_fn()
+        rm = self.store_reward_model(rm) if rm is not None else None
         pol_params, crit_params = self._attach_models(policy, critic, critic_lora(cfg), rm)
         self._set_shapes([[0] * int(prompt_length)], cfg.train.batch_size)
         self.n_prompts, self.batches = 0, None
@@ -177,6 +178,11 @@ class PPOTrainer(RolloutTrainer):
         if critic_lora:
             lora.apply(critic, rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets), dropout=0.0,
                        trainable_modules=("score",), seed=cfg.train.seed)
+            # the frozen base as the policy's (and the RM's, whose buffers a critic on the RM shares:
+            # already stored so, so nothing is copied): frozen dtype, QLoRA quantization
+            mc = cfg.model
+            lora.prepare_frozen(critic, frozen_dtype=mc.frozen_dtype, quantization=mc.quantization,
+                                tile=mc.quant_tile or 64)
             crit_filter = lora.trainable_filter(critic)
         self.critic_graphdef, crit_params, self.critic_frozen = nnx.split(critic, crit_filter, ...)
         self.n_critic_params = count_params(crit_params)

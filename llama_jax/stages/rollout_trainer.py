@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .. import lora
 from ..data.packing import StepIndexedBatches
 from ..data.records import USER, Conversation, Stats, iter_records, prompt_conversation
 from ..data.sources import DataError
@@ -185,13 +186,21 @@ class RolloutTrainer:
             raise DataError(f"{self.task.upper()}: prompt ids outside the vocabulary [0, {V}): {bad[0]}")
         rm, self.reward_offset = None, 0.0
         if rc.reward_model:
-            rm = build_model(cfg.with_model(rc.reward_model), self.mesh, None, head="score")
+            rm = self.store_reward_model(build_model(cfg.with_model(rc.reward_model), self.mesh, None, head="score"))
             self.reward_offset = reward_offset(cfg, rc)
             if rm.config.vocab_size != V:
                 raise ConfigError(f"{self.section}: the reward model has vocab_size {rm.config.vocab_size}, the "
                                   f"policy {V}: they must share the tokenizer")
         self._set_reward_fn()
         return prompts, policy, rm
+
+    def store_reward_model(self, rm):
+        """The reward model never trains: its weights in the frozen dtype (model.frozen_dtype, else the
+        compute dtype; no float32 master copy) and, with model.quantization, quantized like the
+        policy's frozen base; its value head stays float32.  Before a LoRA critic shares its buffers."""
+        mc = self.cfg.model
+        return lora.store_frozen(rm, full={("score", "kernel")}, frozen_dtype=mc.frozen_dtype,
+                                 quantization=mc.quantization, tile=mc.quant_tile or 64)
 
     def _set_reward_fn(self):
         rc = self.opts
