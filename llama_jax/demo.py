@@ -288,7 +288,10 @@ def stage_configs(out: Path, data: DemoData, tok_dir: Path, tok_m: dict, n: Size
                      # the seed-0 SFT model (55.9 -> 60.2 % held out; T = 0.4 / 1.0, lr 5e-4 / 1e-3 / 3e-3,
                      # 16 / 32 prompts, a graded reward, embed / lm_head trained all ended lower, docs/rl.md);
                      # 20 iterations to keep the demo within 10 minutes (50: 55.9 -> 55.1 %, 12.8 min in all)
-                     "temperature": 0.7, "epochs": 1, "minibatches": 4, "clip_low": 0.2, "clip_high": 0.28,
+                     # 32-row minibatches: the kept groups' rows fill the first ones, the rest are skipped
+                     # (update 3.7 -> 2.0 s per iteration on seed 0, ~60 % of groups all-equal)
+                     "temperature": 0.7, "epochs": 1, "minibatches": max(1, n.grpo_prompts * 8 // 32),
+                     "clip_low": 0.2, "clip_high": 0.28,
                      "scale_rewards": True, "kl_coef": 0.02, "kl_in": "loss", "kl_estimator": "k3",
                      "aggregation": "token", "drop_equal_groups": True, "missing_eos_score": -1.0},
             "train": {**common_train, "steps": n.grpo_steps, "batch_size": n.grpo_prompts, "lr": 2e-4, "warmup_ratio": 0.0,

@@ -160,8 +160,17 @@ def test_step0_invariants_lora_rm(tmp_path):
     assert np.abs(_logits(tr.policy_model(st), batch["ids"], batch["attn"]) - base).max() > 1e-4
     b2, s2 = tr.collect(st, 1)
     assert float(s2["kl"]) != 0.0
-    _, u2 = tr.update_fn(st, tr.policy_frozen, b2, jax.random.key(1))
+    st, u2 = tr.update_fn(st, tr.policy_frozen, b2, jax.random.key(1))
     assert float(u2["ratio_maxdev_first"]) <= 1e-5  # still 1 after the policy moved
+
+    # compaction: only group 0's rewards differ -> its 4 rows fill the first of the 2 minibatches of
+    # 8 in each epoch and the other minibatch is skipped (spread at random, both would run ~99%)
+    tr.reward_fn = lambda p, t, m: np.where(np.arange(len(t)) < 4, np.arange(len(t)) % 4, 0.5).astype(np.float32)
+    b3, s3 = tr.collect(st, 2)
+    tr.reward_fn = rm_fn
+    assert float(s3["equal_groups"]) == 3
+    _, u3 = tr.update_fn(st, tr.policy_frozen, b3, jax.random.key(2))
+    assert float(u3["empty_updates"]) == 2 and float(u3["ratio_maxdev_first"]) <= 1e-5
 
 
 # ----------------------------------------------------------------------------- (c) exact optimum

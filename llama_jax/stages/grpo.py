@@ -13,9 +13,11 @@ resume and metrics.jsonl):
      `grpo.scale_rewards`, false = Dr. GRPO); groups with all-equal rewards are counted
      (`equal_groups`) and, with `grpo.drop_equal_groups`, left out of the update;
   4. `grpo.epochs` x `grpo.minibatches` updates of `rl.grpo_math.grpo_loss` (asymmetric clip,
-     k3 KL loss term when `grpo.kl_in: loss`, token- or sequence-level aggregation).  A minibatch
-     with no valid token (every group dropped) changes nothing: parameters and optimizer state
-     are kept as they were.
+     k3 KL loss term when `grpo.kl_in: loss`, token- or sequence-level aggregation).  Each epoch
+     shuffles the rows and moves the rows of dropped groups behind the kept ones, so the kept rows
+     fill the first minibatches (fixed minibatch size) and a minibatch with no valid token is
+     skipped (`lax.cond`: not computed; parameters and optimizer state kept as they were): the
+     update's cost follows the informative rows (the demo drops ~3/4 of its groups).
 
 The options are the typed `GRPOConfig` (the `grpo:` section); `train.batch_size` counts prompts,
 so one step samples batch_size x G responses.  The checkpoint's `state` item has the training
@@ -163,27 +165,40 @@ class GRPOTrainer(RolloutTrainer):
             keys = ("ids", "attn", "tokens", "mask", "logprobs", "ref_logprobs", "advantages", "row_weight")
             batch = {k: batch[k] for k in keys}
             batch["mask"] = batch["mask"] * batch.pop("row_weight")[:, None]  # dropped groups: no tokens
-            perms = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), B) for e in range(E)])
-            idx = perms.reshape(E * M, B // M)
+            dropped = (jnp.sum(batch["mask"], axis=-1) == 0).astype(jnp.int32)  # rows with no valid token
 
-            def one(s, rows):
-                mb = jax.tree.map(lambda x: x[rows], batch)
-                n_tok = jnp.sum(mb["mask"])
+            def epoch_order(e):  # shuffled, then rows with tokens first (stable: still shuffled)
+                perm = jax.random.permutation(jax.random.fold_in(rng, e), B)
+                return perm[jnp.argsort(dropped[perm], stable=True)]
+
+            idx = jnp.stack([epoch_order(e) for e in range(E)]).reshape(E * M, B // M)
+
+            def step(s, mb):
                 (loss, pst), g = jax.value_and_grad(pol_loss, has_aux=True)(s["params"], pol_frz, mb)
                 gn = optax.global_norm(g)
                 up, new_opt = tx.update(g, s["opt_state"], s["params"])
                 finite = jnp.isfinite(loss) & jnp.isfinite(gn)
-                apply = finite & (n_tok > 0)  # an empty minibatch changes nothing (not even Adam's moments)
-                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
                 s = {**s, "params": keep(optax.apply_updates(s["params"], up), s["params"]),
                      "opt_state": keep(new_opt, s["opt_state"]),
                      "nonfinite": jnp.where(finite, 0, s["nonfinite"] + 1)}
                 return s, {**pst, "grad_norm": gn, "finite": finite.astype(jnp.float32),
-                           "empty": (n_tok == 0).astype(jnp.float32)}
+                           "empty": jnp.float32(0.0)}
+
+            def skip(s, mb):  # an empty minibatch changes nothing (not even Adam's moments) and costs nothing
+                shapes = jax.eval_shape(step, s, mb)[1]
+                return s, {**jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+                           "finite": jnp.float32(1.0), "empty": jnp.float32(1.0)}
+
+            def one(s, rows):
+                mb = jax.tree.map(lambda x: x[rows], batch)
+                return jax.lax.cond(jnp.sum(mb["mask"]) > 0, step, skip, s, mb)
 
             st, stats = jax.lax.scan(one, st, idx)
             st = {**st, "step": st["step"] + 1}
-            out = {k: jnp.mean(v) for k, v in stats.items() if k not in ("ratio_maxdev", "finite", "empty")}
+            ran = 1.0 - stats["empty"]
+            n_ran = jnp.maximum(jnp.sum(ran), 1.0)
+            out = {k: jnp.sum(v * ran) / n_ran for k, v in stats.items() if k not in ("ratio_maxdev", "finite", "empty")}
             out["ratio_maxdev_first"] = stats["ratio_maxdev"][0]  # 0 up to rounding: same log-prob fn
             out["nonfinite_updates"] = jnp.sum(1.0 - stats["finite"])
             out["empty_updates"] = jnp.sum(stats["empty"])
