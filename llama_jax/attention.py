@@ -9,8 +9,11 @@ differ between implementations.
 
 Implementations (`model.attention_impl`):
 * `xla`: `jax.nn.dot_product_attention` with the dense mask (the reference; scores materialised).
-* `cudnn`: the same call with implementation='cudnn' (GPU flash attention: `is_causal` for a plain
-  causal batch; padded / packed batches hand cuDNN the dense mask, which it takes as a bias).
+* `cudnn`: the same call with implementation='cudnn' (GPU flash attention): `is_causal` for a plain
+  causal batch; a right-padded batch (`right_padded`: each row one sequence, real tokens first, as
+  SFT's length buckets) as `is_causal` + per-row sequence lengths (cuDNN masks the padding itself,
+  no scores materialised); packed batches hand cuDNN the dense mask, which it takes as a bias
+  (packed documents reach cuDNN's flash kernel only through a private API in jax 0.10).
 * `splash`: the Pallas TPU splash-attention kernel that ships with jax
   (`jax.experimental.pallas.ops.tpu.splash_attention`): a static causal mask and'ed with segment
   ids, so scores are never materialised and fully masked blocks are skipped.  One example per
@@ -18,8 +21,9 @@ Implementations (`model.attention_impl`):
   axes (`data`, `fsdp`) and the head axis (`tensor`).  Off TPU it runs in Pallas interpret mode
   (slow; used by the CPU tests).  Sequence length must be a multiple of 128 (the kernel's lane
   width); `auto` falls back to XLA otherwise.
-* `auto`: splash on TPU, cuDNN on GPU for plain causal 16-bit batches, XLA elsewhere.  (None, the
-  default, is `xla`.)
+* `auto`: splash on TPU; cuDNN on GPU for 16-bit batches that are plain causal or right-padded;
+  XLA elsewhere (packed batches on GPU).  (None, the default, is `xla`.)  So on GPU, SFT's length
+  buckets take the flash kernel and packed rows the XLA path: `data.batching: auto` buckets there.
 
 Why splash equals the dense mask: within a segment, positions grow by one per token, so
 "pos_k <= pos_q and same segment" equals "index_k <= index_q and same segment", i.e. CausalMask
@@ -48,11 +52,12 @@ def platform_of(mesh=None) -> str:
     return jax.default_backend()
 
 
-def resolve(impl: str | None, mesh=None, seq_len: int | None = None, masked: bool = False, dtype=None) -> str:
+def resolve(impl: str | None, mesh=None, seq_len: int | None = None, masked: bool = False, dtype=None,
+            right_padded: bool = False) -> str:
     """'xla' | 'cudnn' | 'splash' for a configured `attention_impl` (None = 'xla').  `auto` takes
-    cuDNN only where its flash kernel surely applies: a plain causal batch (masked=False) in a
-    16-bit dtype; padded / packed batches on GPU stay on XLA (cuDNN would take the dense mask as a
-    bias; untested here, no GPU in this project's CI)."""
+    cuDNN only where its flash kernel surely applies: a plain causal (masked=False) or right-padded
+    batch in a 16-bit dtype; packed batches on GPU stay on XLA (cuDNN would take the dense mask as
+    a bias; untested here, no GPU in this project's CI)."""
     if impl is None or impl == "xla":
         return "xla"
     if impl not in IMPLS:
@@ -61,7 +66,8 @@ def resolve(impl: str | None, mesh=None, seq_len: int | None = None, masked: boo
         plat = platform_of(mesh)
         if plat == "tpu" and (seq_len is None or seq_len % SPLASH_LANES == 0):
             return "splash"
-        if plat in ("gpu", "cuda") and not masked and dtype is not None and jnp.dtype(dtype).itemsize == 2:
+        if (plat in ("gpu", "cuda") and (not masked or right_padded) and dtype is not None
+                and jnp.dtype(dtype).itemsize == 2):
             return "cudnn"
         return "xla"
     return impl
@@ -126,10 +132,25 @@ def splash_attention(q, k, v, segment_ids, *, scale: float, mesh=None, interpret
     return fn(q, k, v, segment_ids)
 
 
-def attend(q, k, v, segment_ids, mask, *, impl: str | None, scale: float, mesh=None):
-    """Dispatch to the configured kernel (see the module docstring)."""
-    impl = resolve(impl, mesh, q.shape[1], masked=mask is not None, dtype=q.dtype)
+def lengths_attention(q, k, v, segment_ids, *, scale: float, implementation: str | None = "cudnn"):
+    """Causal attention of a right-padded batch (row b: real tokens 0 .. n_b - 1, then padding,
+    n_b = its non-zero segment ids) through `jax.nn.dot_product_attention`'s sequence lengths, the
+    form cuDNN's flash kernel takes for padding (instead of a dense mask as a bias, which would
+    materialise the scores).  Real tokens' outputs equal the dense-mask path's (causally they never
+    reach right padding); the lengths let the kernel skip the padding rows' blocks, whose outputs
+    are unused (see the module docstring)."""
+    n = jnp.sum(segment_ids > 0, axis=-1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, query_seq_lengths=n,
+                                        key_value_seq_lengths=n, implementation=implementation)
+
+
+def attend(q, k, v, segment_ids, mask, *, impl: str | None, scale: float, mesh=None, right_padded: bool = False):
+    """Dispatch to the configured kernel (see the module docstring).  right_padded: the caller
+    promises one right-padded sequence per row (cuDNN then takes sequence lengths, not the mask)."""
+    impl = resolve(impl, mesh, q.shape[1], masked=mask is not None, dtype=q.dtype, right_padded=right_padded)
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids if mask is not None else None, scale=scale, mesh=mesh)
+    if impl == "cudnn" and mask is not None and right_padded:
+        return lengths_attention(q, k, v, segment_ids, scale=scale, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, scale=scale,
                                         implementation=impl)

@@ -229,7 +229,7 @@ class Attention(nnx.Module):
                 out = cached_attention(q, ck, cv, attn.mask, self.head_dim ** -0.5, seq_major=layer is not None)
         else:
             out = attend(q, k, v, attn.segment_ids, attn.mask, impl=self.impl, scale=self.head_dim ** -0.5,
-                         mesh=mesh)
+                         mesh=mesh, right_padded=attn.right_padded)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv_cache
 
 
@@ -265,6 +265,7 @@ class AttnInputs(NamedTuple):
     cache_index: jax.Array | None
     segment_ids: jax.Array | None = None  # [B, T] of this call's tokens (splash attention's mask)
     fresh: bool = False         # a cache that was empty before this call: attend within the call
+    right_padded: bool = False  # one sequence per row, real tokens first (cuDNN: sequence lengths)
 
 
 def scan_cache(cfg: LlamaConfig, mesh=None) -> bool:
@@ -406,7 +407,7 @@ class Llama(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None, *, segment_ids=None,
                  cache: Cache | None = None, return_hidden: bool = False, last_only: bool = False,
-                 layer_params=None, fresh: bool = False):
+                 layer_params=None, fresh: bool = False, right_padded: bool = False):
         """input_ids [B, T] -> logits [B, T, vocab] float32 (scores [B, T] for head='score').
 
         attention_mask: [B, T] 1 = real token (left or right padding); positions default to
@@ -414,7 +415,9 @@ class Llama(nnx.Module):
         cache: a `Cache`; returns (logits, new_cache) when given.  fresh: the cache holds nothing
         before this call (a prefill) and is written from column 0, so attention stays within this
         call's tokens and takes the configured kernel (splash on TPU) instead of scoring all S
-        slots; the caller promises the emptiness (same result, not checked).
+        slots; the caller promises the emptiness (same result, not checked).  right_padded: the
+        attention_mask is right padding, one sequence per row (SFT's length buckets): on GPU the
+        attention then takes cuDNN's flash kernel with sequence lengths (`attention.attend`).
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -440,7 +443,8 @@ class Llama(nnx.Module):
             longest = pos_all  # dynamic NTK: longest position in the cache, as HF
         else:
             attn = AttnInputs(None if plain_causal else make_mask(segment_ids, positions, segment_ids, positions),
-                              None, None if plain_causal else segment_ids.astype(jnp.int32))
+                              None, None if plain_causal else segment_ids.astype(jnp.int32),
+                              right_padded=right_padded and attention_mask is not None)
             longest = positions
 
         x = self.embed_tokens(input_ids)

@@ -122,3 +122,47 @@ def test_resolve():
         attention.splash_block(100)
     with pytest.raises(ValueError):
         preset("toy", attention_impl="flash")
+
+
+def test_right_padded_batch_through_sequence_lengths_equals_the_dense_mask(monkeypatch):
+    """The GPU path for SFT's length buckets: `lengths_attention` (is_causal + per-row sequence
+    lengths, the form cuDNN's flash kernel takes; here jax's XLA implementation of the same call)
+    equals the dense-mask path on every real token, forward and gradients; `auto` picks it on GPU
+    for right-padded 16-bit batches only (packed rows and float32 stay on XLA)."""
+    B, N, K = 3, 4, 2
+    lens = np.array([T, 200, 57])
+    seg = jnp.asarray((np.arange(T)[None] < lens[:, None]).astype(np.int32))
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask = make_mask(seg, pos, seg, pos)
+    q, k, v = _qkv(N, K, B=B, seed=3)
+    real = seg > 0
+    ct = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, N, 16)), jnp.float32)
+    dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.25)  # noqa: E731
+    lengths = lambda q, k, v: attention.lengths_attention(q, k, v, seg, scale=0.25, implementation="xla")  # noqa: E731
+    a, b = dense(q, k, v), lengths(q, k, v)
+    np.testing.assert_allclose(np.where(real[..., None, None], b, 0), np.where(real[..., None, None], a, 0),
+                               atol=1e-5)
+    ga = jax.grad(_loss(dense, ct, real), argnums=(0, 1, 2))(q, k, v)
+    gb = jax.grad(_loss(lengths, ct, real), argnums=(0, 1, 2))(q, k, v)
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(y, x, atol=1e-5)
+    # under a causal mask real queries never reach right padding (it comes later), so the lengths
+    # spare the padding rows' work (cuDNN skips those blocks) and give them finite values; plain
+    # causal differs from the dense mask only there
+    c = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.25)
+    assert float(jnp.max(jnp.abs(c[2, :57] - a[2, :57]))) < 1e-5 < float(jnp.max(jnp.abs(c[2, 57:] - a[2, 57:])))
+    assert bool(jnp.all(jnp.isfinite(b)))
+
+    monkeypatch.setattr(attention, "platform_of", lambda mesh=None: "gpu")
+    bf = jnp.bfloat16
+    assert attention.resolve("auto", masked=True, right_padded=True, dtype=bf) == "cudnn"
+    assert attention.resolve("auto", masked=False, dtype=bf) == "cudnn"
+    assert attention.resolve("auto", masked=True, dtype=bf) == "xla"  # packed rows
+    assert attention.resolve("auto", masked=True, right_padded=True, dtype=jnp.float32) == "xla"
+
+
+def test_sft_batching_auto_buckets_on_gpu_only():
+    from llama_jax.stages.sft import batching_mode
+
+    assert batching_mode("auto", "gpu") == "bucket" and batching_mode("auto", "tpu") == "pack"
+    assert batching_mode("auto", "cpu") == "pack" and batching_mode("bucket", "tpu") == "bucket"

@@ -29,8 +29,9 @@ from .pretrain import lm_loss
 class SFTData(ChatFiles):
     """Alpaca / sharegpt / messages records; without eval_files the last data.eval_fraction of the
     examples are held out."""
-    batching: str = opt("pack", "pack: several conversations per row; bucket: length buckets; pad: to max_length",
-                        ("pack", "bucket", "pad"))
+    batching: str = opt("auto", "pack: several conversations per row; bucket: length buckets; pad: to max_length; "
+                        "auto: bucket on GPU (cuDNN flash takes right padding), pack elsewhere",
+                        ("auto", "pack", "bucket", "pad"))
     sample_prompts: list[str] = opt(["请介绍一下中国的首都。", "用一句话解释什么是机器学习。"],
                                     "answered at each eval (RUN_DIR/samples.jsonl)")
     sample_max_new_tokens: int = opt(64, "tokens per sample answer")
@@ -48,7 +49,7 @@ def sft_loss(model, batch):
     if "segments" in batch:
         logits = model(tokens, positions=batch["positions"], segment_ids=batch["segments"])
     else:
-        logits = model(tokens, attention_mask=batch["attention_mask"])
+        logits = model(tokens, attention_mask=batch["attention_mask"], right_padded=True)  # bucket_batches pads right
     targets = next_token(labels, IGNORE_INDEX)
     w = (targets != IGNORE_INDEX).astype(jnp.float32)
     return token_cross_entropy(logits, jnp.where(targets == IGNORE_INDEX, 0, targets), w)
@@ -59,11 +60,21 @@ def make_loss(cfg: SFTConfig):
     return lambda m, b, rng: (*sft_loss(m, b), {})
 
 
+def batching_mode(batching: str, platform: str | None = None) -> str:
+    """data.batching with `auto` resolved for the platform: on GPU `bucket` (right-padded length
+    buckets reach cuDNN's flash kernel as sequence lengths; packed rows, which need segment masks,
+    would take XLA's dense-mask attention), elsewhere `pack` (TPU: splash takes the segment ids;
+    CPU: one dense mask either way, and packing wastes no tokens)."""
+    if batching != "auto":
+        return batching
+    return "bucket" if (platform or jax.default_backend()) in ("gpu", "cuda") else "pack"
+
+
 def batch_spec(cfg: SFTConfig, batch: int, seq: int | None = None) -> dict:
     """Shapes and dtypes of a global training batch: packed rows (data.batching=pack) or padded
     rows with an attention mask (bucket / pad, at their longest length)."""
     T = int(seq or cfg.data.max_length)
-    keys = (("tokens", "labels", "segments", "positions") if cfg.data.batching == "pack"
+    keys = (("tokens", "labels", "segments", "positions") if batching_mode(cfg.data.batching) == "pack"
             else ("tokens", "labels", "attention_mask"))
     return {k: jax.ShapeDtypeStruct((batch, T), jnp.int32) for k in keys}
 
@@ -103,8 +114,9 @@ def build_task(cfg: SFTConfig, tok, model, run_dir: Path):
     G, seed = tc.batch_size, tc.seed
     pad = getattr(tok, "pad_token_id", None) or 0
     host, nh = jax.process_index(), jax.process_count()
-    rows, pad_frac = _rows(examples, dc.batching, T, G, seed, pad)
-    if dc.batching == "pack":
+    batching = batching_mode(dc.batching)
+    rows, pad_frac = _rows(examples, batching, T, G, seed, pad)
+    if batching == "pack":
         if len(rows["tokens"]) < G:
             raise DataError(f"{files}: {len(rows['tokens'])} packed rows for a batch of {G}")
         train_batches = StepIndexedBatches(rows, G, seed, host, nh)
@@ -112,7 +124,7 @@ def build_task(cfg: SFTConfig, tok, model, run_dir: Path):
         train_batches = StepIndexedList(rows, seed, host, nh)
     ev_rows, _ = _rows(eval_examples, "pack", T, G, seed, pad)
     eval_list = eval_batches(ev_rows, G, tc.eval_batches)
-    print(f"sft batches: {dc.batching}, padding {pad_frac:.1%} of tokens; eval {len(eval_list)} batch(es)")
+    print(f"sft batches: {batching}, padding {pad_frac:.1%} of tokens; eval {len(eval_list)} batch(es)")
     prompts = _sample_prompts(dc, template, tok)
     samples_path = run_dir / "samples.jsonl"
 
@@ -131,7 +143,7 @@ def build_task(cfg: SFTConfig, tok, model, run_dir: Path):
         np.mean([b["attention_mask"].sum() for b in rows])
     return Task(name="sft", loss_fn=make_loss(cfg), train=train_batches,
                 eval_batches=eval_list, eval_fn=samples, flops_per_token=flops_per_token(model.config, T),
-                tokens_per_row=T if dc.batching == "pack" else 0,
+                tokens_per_row=T if batching == "pack" else 0,
                 eval_sets=text_eval_sets(cfg, tok, T, G, str(run_dir / "cache"), loss_fn=_text_lm_loss),
                 extra_meta={"padding_fraction": pad_frac, "real_tokens_per_batch": float(real), **{k: int(v) for k, v in stats.counts.items()}})
 

@@ -18,3 +18,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q \
     tests/test_model_parity.py tests/test_lora.py 2>&1 | tee "$OUT/parity.log"
 "$PY" scripts/bench/gpu_mfu.py --json "$OUT/gpu_mfu.json" "${@:2}" 2>&1 | tee "$OUT/gpu_mfu.log"
+# the batching modes' attention paths (docs/plan.md): right-padded buckets through cuDNN with sequence
+# lengths, packed rows through XLA's dense mask (auto) and through cuDNN with the mask as a bias
+for run in "padded auto" "packed auto" "packed cudnn"; do
+    set -- $run
+    "$PY" scripts/bench/gpu_mfu.py --no-peer --layout "$1" --attention "$2" --json "$OUT/gpu_mfu_$1_$2.json" \
+        2>&1 | tee "$OUT/gpu_mfu_$1_$2.log"
+done

@@ -7,6 +7,12 @@ causal), remat policy `--remat`, batch `--batch` x `--seq` tokens; the step is `
 (PaLM convention: 6N + 12·L·d·T FLOPs per token, peak = the data-sheet dense bf16 figure for the
 device, 989 TFLOP/s for H100 SXM).  Steps 1-3 (compilation, warm-up) are excluded.
 
+--layout: `causal` (full rows, plain causal: cuDNN with is_causal), `padded` (right-padded rows
+of random lengths in [seq/2, seq], SFT's length-bucket form: cuDNN with sequence lengths under
+`--attention auto|cudnn`), `packed` (4 documents per row with segment ids: `auto` takes XLA's
+dense-mask path on GPU, `cudnn` hands cuDNN the mask as a bias).  Tokens/s and MFU count every
+slot, padding included, so padded and packed compare at equal shapes.
+
 Peer (same process, after llama_jax, same shapes): transformers LlamaForCausalLM in bf16
 (torch autocast off: weights bf16 — the usual HF recipe), sdpa attention, torch.optim.AdamW(fused),
 gradient checkpointing on when --remat is not "none".  Skipped, and said so, without CUDA torch.
@@ -43,13 +49,33 @@ def run_llama_jax(args) -> dict:
     model = llama_jax.init_model(mc, seed=0, mesh=mesh)
     rng = np.random.default_rng(0)
 
+    B, T = args.batch, args.seq
+
     class RandomTokens:
         def batch(self, step):
-            t = rng.integers(3, mc.vocab_size, (args.batch, args.seq), dtype=np.int32)
-            return {"tokens": t, "segments": np.ones_like(t), "positions": np.broadcast_to(
-                np.arange(args.seq, dtype=np.int32), t.shape).copy()}
+            t = rng.integers(3, mc.vocab_size, (B, T), dtype=np.int32)
+            pos = np.broadcast_to(np.arange(T, dtype=np.int32), t.shape).copy()
+            seg = np.ones_like(t)
+            if args.layout == "padded":
+                seg = (np.arange(T)[None] < rng.integers(T // 2, T + 1, (B, 1))).astype(np.int32)
+            elif args.layout == "packed":
+                cuts = np.sort(rng.integers(1, T, (B, 3)), axis=1)
+                seg = 1 + (np.arange(T)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
+                starts = np.concatenate([np.zeros((B, 1), np.int64), cuts], axis=1)
+                pos = (np.arange(T)[None] - np.take_along_axis(starts, seg - 1, axis=1)).astype(np.int32)
+            return {"tokens": t, "segments": seg, "positions": pos}
 
-    task = Task("gpu-bench", lambda m, b, r: (*lm_loss(m, b, segment_aware=False), {}), RandomTokens(),
+    def loss(m, b, r):
+        if args.layout == "padded":  # SFT's bucket form: attention_mask, right padding
+            import jax.numpy as jnp
+
+            from llama_jax.stages.supervised import next_token, token_cross_entropy
+            logits = m(b["tokens"], attention_mask=b["segments"], right_padded=True)
+            w = (next_token(b["segments"]) > 0).astype(jnp.float32)
+            return (*token_cross_entropy(logits, next_token(b["tokens"]), w), {})
+        return (*lm_loss(m, b, segment_aware=args.layout == "packed"), {})
+
+    task = Task("gpu-bench", loss, RandomTokens(),
                 flops_per_token=flops_per_token(mc, args.seq), tokens_per_row=args.seq)
     with tempfile.TemporaryDirectory() as d:
         train(task, model, cfg, d, mesh)
@@ -104,12 +130,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--remat", default="save_dots")
     ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--layout", default="causal", choices=("causal", "padded", "packed"))
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     res = {"args": vars(args), "llama_jax": run_llama_jax(args)}
     j = res["llama_jax"]
-    print(f"llama_jax  {j['device']}: {j['params'] / 1e9:.2f}B params, step {j['step_time_s'] * 1e3:.0f} ms, "
+    print(f"llama_jax  [{args.layout}, attention {args.attention}] {j['device']}: {j['params'] / 1e9:.2f}B params, step {j['step_time_s'] * 1e3:.0f} ms, "
           f"{j['tokens_per_sec']:,.0f} tokens/s, MFU {100 * j['mfu']:.1f}% (loss {j['loss_first']:.3f} -> "
           f"{j['loss_last']:.3f})")
     if not args.no_peer:
