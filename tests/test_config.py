@@ -35,7 +35,7 @@ def test_unknown_keys_and_choices_are_named():
         load_config(sft.SFTConfig, None, ["train.stepz=3"])
     with pytest.raises(ConfigError, match=r"unknown key 'ppo'"):
         load_config(sft.SFTConfig, None, ["ppo.clip=0.1"])
-    with pytest.raises(ConfigError, match=r"data\.batching: 'rows' is not one of pack, bucket, pad"):
+    with pytest.raises(ConfigError, match=r"data\.batching: 'rows' is not one of auto, pack, bucket, pad"):
         load_config(sft.SFTConfig, None, ["data.batching=rows"])
     with pytest.raises(ConfigError, match=r"model\.remat: 'some' is not one of"):
         load_config(sft.SFTConfig, None, ["model.remat=some"])
@@ -95,7 +95,7 @@ def test_print_config_shows_the_resolved_config(capsys, tmp_path):
                  str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "  lr: 2.0e-05  # peak learning rate" in out
-    assert "  batching: pack  # pack: several conversations per row" in out and "[pack | bucket | pad]" in out
+    assert "  batching: pack  # pack: several conversations per row" in out and "[auto | pack | bucket | pad]" in out
     assert not (tmp_path / "run").exists()  # printed, not run
 
 
