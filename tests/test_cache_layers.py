@@ -118,6 +118,7 @@ def test_scanned_decode_program_holds_one_layer_at_any_depth():
     assert per_layer >= 7 and unroll[1] == unroll[0] + 4 * per_layer  # 7 projections (+ attention) per layer
 
 
+@pytest.mark.slow  # ~12 s of compiles; the stacked cache's per-row writes are in the first test
 def test_server_engine_on_a_stacked_cache_gives_generates_tokens():
     from llama_jax.serve.engine import Engine, EngineConfig, Request
 
