@@ -184,6 +184,10 @@ def _gib(b):
 
 def cmd_table(args):
     rows = [json.loads(l) for l in Path(args.out).read_text().splitlines()]
+    order = {m: i for i, m in enumerate(MODELS)}
+    stages = {st: i for i, st in enumerate(STAGES + ("generate",))}
+    rows.sort(key=lambda r: (order.get(r["model"], 9), stages.get(r["stage"], 9), r.get("seq") or 0,
+                             r["overrides"], r["chips"]))
     print("| model | stage | slice (chips) | mesh | remat | batch x seq | args | temp | peak / usable HBM per chip "
           "(GiB) | fits | model TFLOPs/step | compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
