@@ -410,9 +410,9 @@ def _plan_generate(cfg, model, topo, mesh, mesh_shape, batch, seq, quantization,
         return None if meas.error else _outputs(lowered[name], meas.compiled)
 
     rows = NamedSharding(mesh, P(("data", "fsdp")))
-    ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
+    prompt = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
     cache = run("cache", cache_maker(c, B, T + N, mesh))
-    out = run("prefill", prefill, graphdef, state, ids, ids, cache, fresh=True)
+    out = run("prefill", prefill, graphdef, state, prompt, prompt, cache, fresh=True)  # ids, mask: same spec
     if out is not None:
         logits, cache = out
         positions = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows)

@@ -235,7 +235,9 @@ def test_tpu_generate_plan_scans_the_cached_layers_with_splash_prefill(tmp_path)
     assert prefill["mosaic_calls"] == 1 and decode["mosaic_calls"] == 0
     # toy: 4 layers x 2 (k, v) x 16 rows per chip x 512 slots x 2 kv heads x head_dim 16 x bf16
     assert d["kv_cache_bytes_per_chip"] == 4 * 2 * 16 * 512 * 2 * 16 * 2
-    assert decode["temp_bytes"] < d["kv_cache_bytes_per_chip"]  # the decode loop holds no copy of the cache
+    # a bound, not the layout comparison (at toy size both layouts stay below it; the copy the
+    # [B, L, K, S, D] layout caused was measured on 7B, docs/plan.md)
+    assert decode["temp_bytes"] < d["kv_cache_bytes_per_chip"]
     assert "cached layers scan" in r.stdout
 
 

@@ -35,7 +35,9 @@ def run_llama_jax(args) -> dict:
     import jax
 
     import llama_jax
-    from llama_jax.stages.supervised import flops_per_token
+    import jax.numpy as jnp
+
+    from llama_jax.stages.supervised import flops_per_token, next_token, token_cross_entropy
     from llama_jax.stages.pretrain import PretrainConfig, lm_loss
     from llama_jax.train.config import load_config
     from llama_jax.train.loop import Task, train
@@ -67,9 +69,6 @@ def run_llama_jax(args) -> dict:
 
     def loss(m, b, r):
         if args.layout == "padded":  # SFT's bucket form: attention_mask, right padding
-            import jax.numpy as jnp
-
-            from llama_jax.stages.supervised import next_token, token_cross_entropy
             logits = m(b["tokens"], attention_mask=b["segments"], right_padded=True)
             w = (next_token(b["segments"]) > 0).astype(jnp.float32)
             return (*token_cross_entropy(logits, next_token(b["tokens"]), w), {})
