@@ -36,7 +36,7 @@ from .generate import generate
 from .plots import demo_plots, read_metrics as _metrics
 from .rl.reward_model import last_token_scores
 from .stages import grpo, ppo, pretrain, reward, sft
-from .synthetic import Example, SyntheticTask, number_to_en
+from .synthetic import Example, SyntheticTask, colloquial, number_to_en
 from .text import load_tokenizer
 from .tokenizer.merge import MergeOptions, merge_tokenizers
 from .tokenizer.train import train_bpe
@@ -48,7 +48,7 @@ MODEL = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_at
              num_key_value_heads=2, max_position_embeddings=256)
 
 
-PAIR_KINDS = {"numeral": 0.5, "neighbour": 0.2, "zero": 0.1, "truncated": 0.1, "digits": 0.1}
+PAIR_KINDS = {"numeral": 1.2, "neighbour": 0.2, "zero": 0.1, "truncated": 0.1, "digits": 0.1, "colloquial": 0.1}
 
 
 @dataclass
@@ -65,17 +65,25 @@ class Sizes:
     eval_questions: int = 256
     eval_pairs: int = 400
     pretrain_steps: int = 300
-    sft_steps: int = 150   # seed 0: 100 steps 37.1 %, 150 68.4 %, 300 98.8 % held-out exact-match (docs/rl.md)
+    # the SFT answers written colloquially (synthetic.colloquial: 二零二三年, 两百, 一百十五) with this
+    # probability where such a form exists (16 % of the answers at 0.7): the held-out answers the model
+    # then writes colloquially are what PPO against the RM and GRPO with the checker fix (docs/rl.md,
+    # round 4).  On clean data, 150 steps gave 55.9 % and 300 steps 98.8 % held-out (seed 0), and RL
+    # lowered exact-match on average (rounds 1-3)
+    sft_colloquial: float = 0.7
+    sft_steps: int = 200
     rm_steps: int = 640
     # the RM's training negatives by corruption kind (held-out pairs stay uniform): a uniform mix left
     # the value-level kinds near chance (numeral 58 %, neighbour 60 %, seed 0) while the others were at
-    # 100 % after 40 steps; this mix and 800 steps: every kind >= 92 % (seed 0, docs/rl.md).  With the
-    # own-sample pairs, seed 0: 640 steps >= 93 % per kind, right over wrong SFT sample 95.6 %, the RM's
-    # best of 8 64.1 %; 480 steps 86 % numeral, 81.9 %, 50.8 % (below greedy: PPO then fell to 47.3 %)
+    # 100 % after 40 steps (docs/rl.md).  With the colloquial SFT data the SFT model's own wrong answers
+    # carry fewer value errors, and numeral weight 0.5 gave 86 % on one-numeral pairs (seed 0), 0.8 85 %,
+    # 1.2 93 % (72 held-out pairs of that kind: +-4 %)
     pair_kinds: dict = field(default_factory=lambda: dict(PAIR_KINDS))
-    ppo_steps: int = 25
+    ppo_steps: int = 20
     ppo_critic_warmup: int = 5  # of ppo_steps: critic-only iterations first (value loss 1.95 -> 0.84, seed 0)
-    grpo_steps: int = 20
+    # PPO 25 / GRPO 20 iterations (seed 0, SFT 250 steps): the checker's rollout score levels off after ~9
+    # policy iterations (PPO) and ~10 (GRPO)
+    grpo_steps: int = 16
     grpo_prompts: int = 64  # per step, x G = 8 samples (at 16, 14 of 16 groups were all-equal: no signal)
     seed: int = 0
 
@@ -124,8 +132,10 @@ def synthetic_data(d: Path, task: SyntheticTask, n: Sizes) -> DemoData:
     train_corpus = _write_lines(d / "corpus_train.txt", task.corpus(n.corpus_lines, "train", s))
     eval_corpus = _write_lines(d / "corpus_test.txt", task.corpus(max(50, n.corpus_lines // 40), "test", s))
 
-    def sft(exs):
-        return [{"instruction": e.question, "output": e.answer} for e in exs]
+    def sft(exs, rate=0.0):
+        rng = random.Random(f"colloquial:{s}")
+        return [{"instruction": e.question, "output": colloquial(e.answer) if rng.random() < rate else e.answer}
+                for e in exs]
 
     def pairs(exs, salt, weights=None):
         rng = random.Random(f"pairs:{salt}:{s}")
@@ -135,7 +145,7 @@ def synthetic_data(d: Path, task: SyntheticTask, n: Sizes) -> DemoData:
             out.append({"prompt": e.question, "chosen": e.answer, "rejected": bad, "corruption": kind})
         return out
 
-    sft_train = _write_jsonl(d / "sft_train.jsonl", sft(task.examples(n.sft_examples, "train", s)))
+    sft_train = _write_jsonl(d / "sft_train.jsonl", sft(task.examples(n.sft_examples, "train", s), n.sft_colloquial))
     sft_eval = _write_jsonl(d / "sft_test.jsonl", sft(task.examples(200, "test", s + 1)))
     pref_train = _write_jsonl(d / "pref_train.jsonl", pairs(task.examples(n.pref_pairs, "train", s + 2), "train",
                                                                  n.pair_kinds))
@@ -175,8 +185,11 @@ def tokenizer_stage(out: Path, data: DemoData, base: Path | None, zh_vocab: int)
     d.mkdir(parents=True, exist_ok=True)
     base_kind = "given"
     if base is None:
+        # the chat template's markers as pieces: byte by byte "[INST]" and " [/INST]" took 15 of the 37
+        # tokens of a demo pair (LLaMA-2's own tokenizer writes them in 3-4 pieces)
         base = train_bpe(d / "base", input_files=[data.base_tokenizer_corpus], vocab_size=600,
-                         extra={"hard_vocab_limit": False, "byte_fallback": True}).model_path
+                         extra={"hard_vocab_limit": False, "byte_fallback": True,
+                                "user_defined_symbols": ["[INST]", "[/INST]"]}).model_path
         base_kind = "trained on the fly (English, byte fallback)"
     zh = train_bpe(d / "zh", input_files=data.tokenizer_corpus, vocab_size=zh_vocab,
                    extra={"hard_vocab_limit": False}).model_path
@@ -415,6 +428,16 @@ def exact_match(model, tok, questions: list[Example], **kw) -> tuple[float, list
     return sum(r == e.answer for r, e in zip(replies, questions)) / len(questions), replies
 
 
+def colloquial_share(questions: list[Example], replies: list[str]) -> dict:
+    """Of the questions whose answer has a colloquial form (synthetic.colloquial), the share answered
+    with it (the habit the SFT data teach and the checker rejects) and the share answered exactly."""
+    has = [(e, r) for e, r in zip(questions, replies) if colloquial(e.answer) != e.answer]
+    if not has:
+        return {"questions": 0, "colloquial": None, "exact_match": None}
+    return {"questions": len(has), "colloquial": round(sum(r == colloquial(e.answer) for e, r in has) / len(has), 4),
+            "exact_match": round(sum(r == e.answer for e, r in has) / len(has), 4)}
+
+
 # ----------------------------------------------------------------------------- the pipeline
 SIZES = {
     "default": Sizes(),
@@ -521,6 +544,7 @@ def run_demo(args) -> int:
                "eval_loss": _last(recs, "eval_loss")})
     if checkable:
         sm["exact_match"], sft_replies = em(models / "sft")
+        sm["colloquial_questions"] = colloquial_share(data.eval_questions, sft_replies)
     report.stage("sft", sm)
 
     _banner("4/6 reward model (pairwise, on the SFT backbone)")
@@ -560,6 +584,7 @@ def run_demo(args) -> int:
         qs = [e.question for e in data.eval_questions]
         qm["exact_match_before"], before = sm["exact_match"], sft_replies
         qm["exact_match"], after = em(models / "ppo")
+        qm["colloquial_questions"] = colloquial_share(data.eval_questions, after)
         # the reward model's view of the greedy answers, before and after PPO (normalised scores)
         sm["rm_score"] = qm["rm_score_greedy_before"] = float(rm_scores(rm_model, tok, qs, before).mean() - off)
         qm["rm_score"] = qm["rm_score_greedy"] = float(rm_scores(rm_model, tok, qs, after).mean() - off)
@@ -576,6 +601,7 @@ def run_demo(args) -> int:
               "response_length_last": _last(recs, "response_length"),
               "exact_match_before": sm["exact_match"]}
         gm["exact_match"], g_after = em(models / "grpo")
+        gm["colloquial_questions"] = colloquial_share(data.eval_questions, g_after)
         gm["rm_score"] = float(rm_scores(rm_model, tok, [e.question for e in data.eval_questions], g_after).mean() - off)
         report.stage("grpo", gm)
 
@@ -633,6 +659,11 @@ def summary_table(rep: dict) -> str:
          _num(q.get("rm_score_greedy"))),
         ("ppo", "KL(policy || reference)", "0", _num(q.get("kl_last"), "{:.4f}")),
     ]
+    c0 = (f.get("colloquial_questions") or {}).get("colloquial")
+    if c0 is not None:
+        rows.insert(3, ("sft", "colloquial answers, held-out questions that have a colloquial form", "-", _pct(c0)))
+        rows.append(("ppo", "colloquial answers (same questions)", _pct(c0),
+                     _pct((q.get("colloquial_questions") or {}).get("colloquial"))))
     if q.get("check_score_first") is not None:
         rows.append(("ppo", "checker on rollouts (never trained on)", _num(q.get("check_score_first")),
                      _num(q.get("check_score_last"))))
@@ -642,6 +673,9 @@ def summary_table(rep: dict) -> str:
                  ("grpo", "checker reward of rollouts", _num(g.get("score_first")), _num(g.get("score_last"))),
                  ("grpo", "RM score of greedy answers, held-out", _num(f.get("rm_score")), _num(g.get("rm_score"))),
                  ("grpo", "KL(policy || reference)", "0", _num(g.get("kl"), "{:.4f}"))]
+        if c0 is not None:
+            rows.append(("grpo", "colloquial answers (same questions)", _pct(c0),
+                         _pct((g.get("colloquial_questions") or {}).get("colloquial"))))
     w = [max(len(str(row[i])) for row in rows + [("stage", "metric", "before", "after")]) for i in range(4)]
     line = lambda row: "  ".join(str(c).ljust(w[i]) if i < 2 else str(c).rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
     out = [line(("stage", "metric", "before", "after")), "  ".join("-" * x for x in w)] + [line(r) for r in rows]

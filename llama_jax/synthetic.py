@@ -61,6 +61,17 @@ def date_to_zh(y: int, m: int, d: int) -> str:
     return "".join(YEAR_DIGITS[int(c)] for c in str(y)) + f"年{number_to_zh(m)}月{number_to_zh(d)}日"
 
 
+def colloquial(answer: str) -> str:
+    """`answer` (a standard reading) as it is often written instead: 零 for 〇 in a year
+    (二〇二三年 -> 二零二三年), 两 for a leading 2 of the hundreds (二百 -> 两百), 十 without its 一
+    after 百 (一百一十五 -> 一百十五).  `answer` itself when none of them applies."""
+    if "年" in answer:
+        year, rest = answer.split("年", 1)
+        return year.replace("〇", "零") + "年" + rest
+    out = answer.replace("百一十", "百十")
+    return "两" + out[1:] if out.startswith("二百") else out
+
+
 _DAYS = [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
 
 
@@ -120,12 +131,13 @@ class SyntheticTask:
         return [self.corpus_line([self.sample(rng, split) for _ in range(facts_per_line)], rng)
                 for _ in range(n_lines)]
 
-    CORRUPTIONS = ("numeral", "neighbour", "zero", "truncated", "digits")
+    CORRUPTIONS = ("numeral", "neighbour", "zero", "truncated", "digits", "colloquial")
 
     def corrupt(self, ex: Example, rng: random.Random, weights: dict[str, float] | None = None) -> tuple[str, str]:
         """(a wrong answer near the right one, its kind): the rejected side of a preference pair.
         Kinds: one numeral changed, a neighbouring value's reading, 零 dropped or added, the answer
-        cut short, the digits copied back instead of written out; uniform, or drawn with `weights`
+        cut short, the digits copied back instead of written out, the `colloquial` form (only where
+        one differs); uniform, or drawn with `weights`
         (kind -> weight; a kind that does not apply to `ex` is redrawn)."""
         if weights is not None:
             bad = sorted(set(weights) - set(self.CORRUPTIONS))
@@ -155,6 +167,12 @@ class SyntheticTask:
                     bad = a.replace("年", "年" + rng.choice(DIGITS[1:]), 1) if rng.random() < 0.5 else a[:-1] + "号"
             elif kind == "zero":
                 bad = a.replace("零", "", 1) if "零" in a else a[:1] + "零" + a[1:]
+            elif kind == "colloquial":
+                bad = colloquial(a)
+                if bad == a:
+                    if weights is not None:
+                        kinds.remove(kind)
+                    continue
             elif kind == "truncated":
                 if len(a) < 2:
                     if weights is not None:

@@ -37,6 +37,8 @@ def _row(seed, rep):
     k = o.get("k", 8)
     cells.append("-" if not o else f"{100 * o['pairwise_accuracy']:.1f}% / {100 * o[f'best_of_{k}_rm']:.1f}% / "
                                    f"{100 * o[f'pass_at_{k}']:.1f}%")
+    col = [(st.get(k, {}).get("colloquial_questions") or {}).get("colloquial") for k in STAGES]
+    cells.append("-" if col[0] is None else " / ".join("-" if c is None else f"{100 * c:.0f}%" for c in col))
     cells.append(f"{rep.get('seconds', 0):.0f}")
     return cells
 
@@ -44,7 +46,7 @@ def _row(seed, rep):
 def table(reports: dict) -> str:
     head = ["seed", "SFT EM", "PPO (RM) EM", "GRPO EM", "RM score SFT", "RM score PPO", "RM score GRPO", "KL PPO",
             "KL GRPO", "hacking", "RM held-out acc. per kind",
-            "RM on SFT samples: right>wrong / best-of-8 / pass@8", "seconds"]
+            "RM on SFT samples: right>wrong / best-of-8 / pass@8", "colloquial answers SFT / PPO / GRPO", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for seed, rep in reports.items():
         lines.append("| " + " | ".join(_row(seed, rep)) + " |")

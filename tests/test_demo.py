@@ -41,6 +41,10 @@ def test_report_and_stage_chaining(demo):
     for k in ("sft", "ppo", "grpo"):
         assert 0.0 <= st[k]["exact_match"] <= 1.0 and st[k]["rm_score"] is not None and math.isfinite(st[k]["kl"])
     assert st["sft"]["kl"] == 0.0 and st["grpo"]["kl"] >= 0.0
+    # the colloquial habit of the SFT data, per stage, on the held-out questions that have such a form
+    for k in ("sft", "ppo", "grpo"):
+        c = st[k]["colloquial_questions"]
+        assert c["questions"] > 0 and 0.0 <= c["colloquial"] + c["exact_match"] <= 1.0
     # the RM's view of the SFT model's own samples (what RL against it can gain)
     o = st["rm"]["on_sft_samples"]
     assert 0 <= o["pass_at_1"] <= o["pass_at_8"] <= 1 and o["best_of_8_rm"] <= o["pass_at_8"]

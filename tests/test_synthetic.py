@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from llama_jax.synthetic import Example, SyntheticTask, date_to_zh, number_to_en, number_to_zh
+from llama_jax.synthetic import Example, SyntheticTask, answer_of, colloquial, date_to_zh, number_to_en, number_to_zh
 
 
 @pytest.mark.parametrize("n, zh", [
@@ -28,6 +28,55 @@ def test_date_and_english():
     assert date_to_zh(1999, 12, 31) == "一九九九年十二月三十一日"
     assert number_to_en(4096) == "four thousand ninety-six"
     assert number_to_en(115) == "one hundred fifteen"
+
+
+@pytest.mark.parametrize("standard, informal", [
+    ("二〇二三年五月十二日", "二零二三年五月十二日"), ("二〇〇〇年十月一日", "二零零零年十月一日"),
+    ("一九九九年十二月三十一日", "一九九九年十二月三十一日"),  # a year without 〇: unchanged
+    ("二百", "两百"), ("二百一十五", "两百十五"), ("一百一十", "一百十"), ("三百一十九", "三百十九"),
+    ("十五", "十五"), ("二十二", "二十二"), ("一百零一", "一百零一"), ("一千零一十", "一千零一十"), ("二", "二"),
+])
+def test_colloquial(standard, informal):
+    assert colloquial(standard) == informal
+
+
+def test_colloquial_share_counts_only_questions_with_a_colloquial_form():
+    from llama_jax.demo import colloquial_share
+
+    qs = [Example("number", "把115写成汉字。", "一百一十五", "115"), Example("number", "把30写成汉字。", "三十", "30"),
+          Example("date", "把2001年1月1日写成汉字。", "二〇〇一年一月一日", "2001年1月1日"),
+          Example("number", "把200写成汉字。", "二百", "200")]
+    got = colloquial_share(qs, ["一百十五", "三十", "二〇〇一年一月一日", "二百零"])
+    assert got == {"questions": 3, "colloquial": round(1 / 3, 4), "exact_match": round(1 / 3, 4)}
+    assert colloquial_share(qs[1:2], ["三十"]) == {"questions": 0, "colloquial": None, "exact_match": None}
+
+
+def test_demo_sft_data_colloquial_share(tmp_path):
+    """The demo's SFT answers: the standard reading or its colloquial form, the latter at the configured
+    rate where one exists; held-out SFT answers and every pair's chosen side stay standard."""
+    import json
+
+    from llama_jax.demo import Sizes, synthetic_data
+
+    n = Sizes(corpus_lines=60, sft_examples=2000, pref_pairs=300, eval_pairs=200, ppo_prompts=8, eval_questions=8,
+              rm_sample_questions=8, sft_colloquial=0.7)
+    data = synthetic_data(tmp_path, SyntheticTask(), n)
+    t = SyntheticTask()
+    exs = t.examples(n.sft_examples, "train", n.seed)
+    recs = [json.loads(x) for x in data.sft_train[0].read_text("utf-8").splitlines()]
+    assert [r["instruction"] for r in recs] == [e.question for e in exs]
+    has = [colloquial(e.answer) != e.answer for e in exs]
+    informal = [r["output"] != e.answer for r, e in zip(recs, exs)]
+    assert all(r["output"] in (e.answer, colloquial(e.answer)) for r, e in zip(recs, exs))
+    share = sum(informal) / sum(has)
+    assert 0.2 < sum(has) / len(exs) < 0.3 and 0.65 < share < 0.75, (sum(has), share)
+    for f in (data.sft_eval[0], data.pref_train[0], data.pref_eval[0]):
+        for r in map(json.loads, f.read_text("utf-8").splitlines()):
+            want = r.get("output", r.get("chosen"))
+            q = r.get("instruction", r.get("prompt"))
+            assert want == answer_of(q), (f, r)
+    kinds = [json.loads(x)["corruption"] for x in data.pref_eval[0].read_text("utf-8").splitlines()]
+    assert "colloquial" in kinds
 
 
 def test_splits_are_disjoint_and_seeded():
@@ -65,6 +114,11 @@ def test_corruption_weights():
     assert {t.corrupt(zero, rng, {"numeral": 1.0, "digits": 1.0})[1] for _ in range(20)} == {"digits"}
     with pytest.raises(ValueError, match="applies"):  # only kinds that cannot corrupt "零": no endless redraw
         t.corrupt(zero, rng, {"numeral": 1.0, "truncated": 1.0})
+    # the colloquial kind exists only where the answer has a colloquial form
+    e115 = Example("number", "把115写成汉字。", "一百一十五", "115")
+    assert t.corrupt(e115, rng, {"colloquial": 1.0}) == ("一百十五", "colloquial")
+    with pytest.raises(ValueError, match="applies"):
+        t.corrupt(Example("number", "把30写成汉字。", "三十", "30"), rng, {"colloquial": 1.0})
     for bad in ({"typo": 1.0}, {"numeral": 0.0}, {"numeral": -1.0, "digits": 2.0}):
         with pytest.raises(ValueError, match="weights"):
             t.corrupt(exs[0], rng, bad)
