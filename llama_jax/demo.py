@@ -152,7 +152,7 @@ def synthetic_data(d: Path, task: SyntheticTask, n: Sizes) -> DemoData:
     pref_eval = _write_jsonl(d / "pref_test.jsonl", pairs(task.examples(n.eval_pairs, "test", s + 3), "test"))
     prompts = _write_jsonl(d / "ppo_prompts.jsonl",
                            [{"instruction": e.question} for e in task.examples(n.ppo_prompts, "train", s + 4)])
-    questions = task.examples(n.eval_questions, "test", s + 5)
+    questions = held_out_questions(task, n)
     sample_qs = task.examples(n.rm_sample_questions, "train", s + 6)
     base_corpus = _write_lines(d / "base_tokenizer_corpus.txt", english_corpus(4000, s))
     return DemoData(tokenizer_corpus=[train_corpus], tokenizer_eval=eval_corpus.read_text("utf-8").splitlines(),
@@ -161,6 +161,24 @@ def synthetic_data(d: Path, task: SyntheticTask, n: Sizes) -> DemoData:
                     base_tokenizer_corpus=base_corpus, eval_questions=questions,
                     pref_samples=d / "pref_train_samples.jsonl", sample_pair_questions=sample_qs,
                     sample_questions=[e.question for e in questions[:4]])
+
+
+def held_out_questions(task: SyntheticTask, n: Sizes) -> list[Example]:
+    """The questions every exact-match of the demo is measured on (test split, never trained on);
+    scripts that rerun a stage of a finished demo score on these too (sizes from its report.json)."""
+    return task.examples(n.eval_questions, "test", n.seed + 5)
+
+
+def finished_demo_sizes(demo_dir: Path) -> Sizes:
+    """The Sizes of a finished built-in demo (its report.json), or a ValueError naming what is missing."""
+    rep = Path(demo_dir) / "report.json"
+    if not rep.is_file():
+        raise ValueError(f"{demo_dir}: no report.json (the --out of a finished `llama-jax demo`)")
+    sizes = json.loads(rep.read_text("utf-8")).get("sizes")
+    if not isinstance(sizes, dict) or not sizes.get("eval_questions"):
+        raise ValueError(f"{rep}: field 'sizes' is missing or has no eval_questions (a `demo --data` run has no checker)")
+    known = {f.name for f in dataclasses.fields(Sizes)}
+    return Sizes(**{k: v for k, v in sizes.items() if k in known})
 
 
 def english_corpus(n_lines: int, seed: int) -> list[str]:
@@ -645,11 +663,14 @@ def _sample_rows(o: dict | None) -> list[tuple]:
 def summary_table(rep: dict) -> str:
     s = rep["stages"]
     t, p, f, r, q = (s.get(k, {}) for k in ("tokenizer", "pretrain", "sft", "rm", "ppo"))
+    c0 = (f.get("colloquial_questions") or {}).get("colloquial")
     rows = [
         ("tokenizer", "chars/token, held-out text", _num(t.get("chars_per_token_base"), "{:.2f}"),
          _num(t.get("chars_per_token_merged"), "{:.2f}")),
         ("pretrain", "perplexity, held-out text", _num(p.get("eval_ppl_first"), "{:.1f}"), _num(p.get("eval_ppl"), "{:.2f}")),
         ("sft", "exact-match, held-out questions", _pct(f.get("exact_match_before")), _pct(f.get("exact_match"))),
+        *([("sft", "colloquial answers, held-out questions that have a colloquial form", "-", _pct(c0))]
+          if c0 is not None else []),
         ("rm", "accuracy, held-out pairs", _pct(r.get("eval_accuracy_first")), _pct(r.get("eval_accuracy"))),
         *_sample_rows(r.get("on_sft_samples")),
         ("ppo", "exact-match, held-out questions", _pct(q.get("exact_match_before")), _pct(q.get("exact_match"))),
@@ -659,9 +680,7 @@ def summary_table(rep: dict) -> str:
          _num(q.get("rm_score_greedy"))),
         ("ppo", "KL(policy || reference)", "0", _num(q.get("kl_last"), "{:.4f}")),
     ]
-    c0 = (f.get("colloquial_questions") or {}).get("colloquial")
     if c0 is not None:
-        rows.insert(3, ("sft", "colloquial answers, held-out questions that have a colloquial form", "-", _pct(c0)))
         rows.append(("ppo", "colloquial answers (same questions)", _pct(c0),
                      _pct((q.get("colloquial_questions") or {}).get("colloquial"))))
     if q.get("check_score_first") is not None:

@@ -41,8 +41,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--pairs", type=int, default=demo.Sizes().pref_pairs, help="rm: training pairs")
     a = ap.parse_args(argv)
     d, out = a.demo_dir.absolute(), (a.out_root / a.name).absolute()
-    rep = json.loads((d / "report.json").read_text())
-    seed = rep["sizes"]["seed"]
+    try:
+        sizes = demo.finished_demo_sizes(d)
+    except ValueError as e:
+        ap.error(str(e))
+    seed = sizes.seed
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     tok = load_tokenizer(d / "tokenizer" / "merged")
@@ -69,7 +72,7 @@ def main(argv=None) -> dict:
         res["seconds"] = round(time.perf_counter() - t0, 1)
         export(out / "run", out / "model")
         m = llama_jax.load(out / "model")
-        res["exact_match_held_out"], _ = demo.exact_match(m, tok, task.examples(256, "test", seed + 5))
+        res["exact_match_held_out"], _ = demo.exact_match(m, tok, demo.held_out_questions(task, sizes))
         # the demo's RL prompts are task.examples(n, "train", seed + 4): these 256 were trained on
         res["exact_match_rl_prompts"], _ = demo.exact_match(m, tok, task.examples(256, "train", seed + 4))
         recs = read_metrics(out / "run")

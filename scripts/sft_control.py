@@ -38,12 +38,19 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", type=Path, default=Path("runs/sft-control"))
     a = ap.parse_args(argv)
     d = a.demo_dir.absolute()
-    seed = json.loads((d / "report.json").read_text())["sizes"]["seed"]
+    try:
+        sizes = demo.finished_demo_sizes(d)
+        steps = [int(x) for x in a.sft_steps.split(",")]
+    except ValueError as e:
+        ap.error(str(e))
+    if any(n < 1 for n in steps) or a.grpo_steps < 0:
+        ap.error(f"--sft-steps {a.sft_steps} / --grpo-steps {a.grpo_steps}: step counts must be positive")
+    seed = sizes.seed
     tok = load_tokenizer(d / "tokenizer" / "merged")
-    questions = SyntheticTask().examples(256, "test", seed + 5)  # the demo's held-out questions
+    questions = demo.held_out_questions(SyntheticTask(), sizes)
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for n in [int(x) for x in a.sft_steps.split(",")]:
+    for n in steps:
         out = (a.out / f"sft{n}").absolute()
         shutil.rmtree(out, ignore_errors=True)
         sft.run(d / "configs" / "sft.yaml", out=str(out / "sft_run"),

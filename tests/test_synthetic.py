@@ -77,6 +77,17 @@ def test_demo_sft_data_colloquial_share(tmp_path):
             assert want == answer_of(q), (f, r)
     kinds = [json.loads(x)["corruption"] for x in data.pref_eval[0].read_text("utf-8").splitlines()]
     assert "colloquial" in kinds
+    # scripts rerunning a stage of a finished demo score on the same questions, sizes read back from its report
+    from llama_jax.demo import finished_demo_sizes, held_out_questions
+
+    assert data.eval_questions == held_out_questions(SyntheticTask(), n)
+    with pytest.raises(ValueError, match="no report.json"):
+        finished_demo_sizes(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"sizes": {**n.__dict__, "future_field": 1}}))
+    assert finished_demo_sizes(tmp_path) == n
+    (tmp_path / "report.json").write_text(json.dumps({"sizes": {**n.__dict__, "eval_questions": 0}}))
+    with pytest.raises(ValueError, match="report.json: field 'sizes'"):
+        finished_demo_sizes(tmp_path)
 
 
 def test_splits_are_disjoint_and_seeded():
